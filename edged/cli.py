@@ -1,0 +1,188 @@
+"""The ``edged`` command line. Exit status 0 on success; otherwise non-zero with a one-line reason."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edged.errors import EdgedError
+from edged.store import QUANTS, default_cache_dir, default_models_dir, find_recipe, list_models, verify
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _models_dir(args: argparse.Namespace) -> Path:
+    chosen = args.models_dir or os.environ.get("EDGED_MODELS_DIR")
+    return Path(chosen) if chosen else default_models_dir()
+
+
+def cmd_model_build(args: argparse.Namespace) -> int:
+    from edged.build import build_model
+
+    models_dir = _models_dir(args)
+    recipe = find_recipe(models_dir, args.name)
+    build_model(recipe, args.quant or recipe.default_quant, models_dir, default_cache_dir(), _log, force=args.force)
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    recipes, built = list_models(_models_dir(args))
+    print(f"{'RECIPE':<28} {'DEFAULT':<8} DESCRIPTION")
+    for r in recipes:
+        print(f"{r.name:<28} {r.default_quant:<8} {r.description}")
+    print(f"\n{'BUILT MODEL':<34} {'QUANT':<6} {'SIZE':>9}  PATH")
+    for m in built:
+        print(f"{m.name:<34} {m.quant or '?':<6} {m.size_bytes / 1e6:>7.1f}MB  {m.path}")
+    if not built:
+        print(f"(none yet: run `edged model build {DEFAULT_MODEL}`)")
+    return 0
+
+
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    model_dir = _models_dir(args) / args.name
+    problems = verify(model_dir)
+    if problems:
+        for p in problems:
+            print(f"{args.name}: {p}", file=sys.stderr)
+        print(f"{args.name}: FAILED; rebuild with `edged model build {args.name} --force`", file=sys.stderr)
+        return 1
+    print(f"{args.name}: OK (every file matches its sha256 in manifest.json)")
+    return 0
+
+
+def cmd_model_eval(args: argparse.Namespace) -> int:
+    from edged.evaluate import agreement
+    from edged.llm import Engine
+    from edged.store import read_manifest
+
+    models_dir = _models_dir(args)
+    candidate_dir = models_dir / args.name
+    recipe_name = read_manifest(candidate_dir).get("recipe") or args.name
+    recipe = find_recipe(models_dir, recipe_name)
+    reference_dir = models_dir / recipe.dir_name("fp32")
+    if not (reference_dir / "model.onnx").is_file():
+        from edged.build import build_model
+
+        _log(f"building the fp32 reference {reference_dir.name} first")
+        build_model(recipe, "fp32", models_dir, default_cache_dir(), _log)
+    result = agreement(Engine(reference_dir, threads=args.threads), Engine(candidate_dir, threads=args.threads))
+    print(f"model      {args.name}")
+    print(f"reference  {reference_dir.name}")
+    print(f"positions  {result.positions}")
+    print(f"top1       {result.top1:.3f}   (teacher-forced next-token agreement with fp32)")
+    print(f"kl         {result.kl:.4f}  (nats per position, KL(fp32 || model))")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    if not args.local:
+        raise EdgedError("the MQTT client mode of `edged ask` needs the daemon; use `edged ask --local` for now")
+    from edged.llm import Engine, GenerationRequest, Message, SamplingParams
+
+    engine = Engine(_models_dir(args) / args.model, threads=args.threads, context_tokens=args.context_tokens)
+    sampling = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repeat_penalty=args.repeat_penalty, seed=args.seed,
+    )
+
+    def answer(question: str) -> None:
+        request = GenerationRequest(
+            messages=(Message("user", question),), max_tokens=args.max_tokens, sampling=sampling,
+            stop=tuple(args.stop),
+        )
+        generation = engine.generate(request)
+        for delta in generation:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        print()
+        r = generation.result
+        assert r is not None
+        _log(
+            f"[{r.usage.prompt_tokens} prompt + {r.usage.completion_tokens} answer tokens | "
+            f"TTFT {r.timings.ttft_ms:.0f} ms | {r.timings.tokens_per_s:.1f} tok/s | "
+            f"total {r.timings.total_ms / 1000:.2f} s | {r.finish_reason}]"
+        )
+
+    if args.question is not None:
+        answer(args.question)
+        return 0
+    _log(f"{engine.name} on {engine.session.threads} threads; type a question, Ctrl-D to quit")
+    while True:
+        try:
+            question = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if question.strip():
+            try:
+                answer(question)
+            except EdgedError as exc:
+                _log(f"error ({exc.code}): {exc.message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edged", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def models_dir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models-dir", help="where model directories and recipes live (env EDGED_MODELS_DIR)")
+
+    model = sub.add_parser("model", help="build, list, verify and evaluate models")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("build", help="build a model directory from a recipe in models/")
+    p.add_argument("name")
+    p.add_argument("--quant", choices=QUANTS, help="weight format (default: the recipe's)")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_build)
+    p = msub.add_parser("list", help="recipes and built models")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_list)
+    p = msub.add_parser("verify", help="check every file of a built model against its sha256")
+    p.add_argument("name")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_verify)
+    p = msub.add_parser("eval", help="agreement and KL of a build against the fp32 build")
+    p.add_argument("name")
+    p.add_argument("--threads", type=int)
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_eval)
+
+    p = sub.add_parser("ask", help="ask a question")
+    p.add_argument("question", nargs="?", help="omit for an interactive session (with --local)")
+    p.add_argument("--local", action="store_true", help="run the model in this process, no broker")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: cores - 1 above two cores)")
+    p.add_argument("--context-tokens", type=int, help="context budget (prompt + answer)")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgedError as exc:
+        print(f"edged: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return 1

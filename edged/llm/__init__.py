@@ -1,0 +1,23 @@
+"""The language-model engine: onnxruntime, a tokenizer with its chat template, and a lean generation loop."""
+
+from edged.llm.engine import (
+    Engine,
+    Generation,
+    GenerationRequest,
+    GenerationResult,
+    Timings,
+    Usage,
+)
+from edged.llm.sampling import SamplingParams
+from edged.llm.tokenizer import Message
+
+__all__ = [
+    "Engine",
+    "Generation",
+    "GenerationRequest",
+    "GenerationResult",
+    "Message",
+    "SamplingParams",
+    "Timings",
+    "Usage",
+]

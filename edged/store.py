@@ -1,0 +1,170 @@
+"""Model recipes and built model directories: where they live, their manifests and checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edged.errors import ModelUnavailable
+
+QUANTS = ("fp32", "int8", "int4")
+MANIFEST = "manifest.json"
+MODEL_FILES = (
+    "model.onnx",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.json",
+    "generation_config.json",
+)
+DEPLOYED_MODELS_DIR = Path("/var/lib/edged/models")
+
+
+def default_models_dir() -> Path:
+    """``models/`` of the checkout edged runs from, else the deployed state directory."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "models").is_dir():
+        return checkout / "models"
+    return DEPLOYED_MODELS_DIR
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edged"
+
+
+def model_dir_name(recipe: str, quant: str, default_quant: str) -> str:
+    """The recipe's default quantization gets the plain name; others are suffixed (``-fp32``)."""
+    return recipe if quant == default_quant else f"{recipe}-{quant}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one model: ``models/<name>.toml``."""
+
+    name: str
+    path: Path
+    description: str
+    default_quant: str
+    accuracy_level: int
+    source: dict[str, Any]
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Recipe:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot read recipe {path}: {exc}") from exc
+        unknown = set(data) - {"description", "default_quant", "accuracy_level", "source", "tokenizer"}
+        if unknown:
+            raise ValueError(f"recipe {path}: unknown keys {sorted(unknown)}")
+        source = data.get("source")
+        if not isinstance(source, dict) or not ({"package", "hf_dir"} & source.keys()):
+            raise ValueError(f"recipe {path}: [source] needs `package` (a GGUF in a pip package) or `hf_dir`")
+        quant = data.get("default_quant", "int4")
+        if quant not in QUANTS:
+            raise ValueError(f"recipe {path}: default_quant must be one of {QUANTS}")
+        return cls(
+            name=path.stem,
+            path=path,
+            description=str(data.get("description", "")),
+            default_quant=quant,
+            accuracy_level=int(data.get("accuracy_level", 4)),
+            source=source,
+            tokenizer=dict(data.get("tokenizer", {})),
+        )
+
+    def dir_name(self, quant: str) -> str:
+        return model_dir_name(self.name, quant, self.default_quant)
+
+
+def find_recipe(models_dir: Path, name: str) -> Recipe:
+    path = models_dir / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in models_dir.glob("*.toml"))) or "none"
+        raise ModelUnavailable(f"no recipe {name!r} in {models_dir} (recipes there: {known})")
+    return Recipe.load(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(model_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Records ``info`` and the sha256 of every model file in ``manifest.json``."""
+    files = {
+        name: {"sha256": sha256_file(model_dir / name), "bytes": (model_dir / name).stat().st_size}
+        for name in MODEL_FILES
+    }
+    manifest = {**info, "files": files}
+    (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelUnavailable(f"{model_dir} has no {MANIFEST}; rebuild it with `edged model build`") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"{path} is unreadable: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ModelUnavailable(f"{path} lists no files")
+    return data
+
+
+def verify(model_dir: Path) -> list[str]:
+    """Problems found in ``model_dir`` (empty when every file matches its manifest checksum)."""
+    try:
+        manifest = read_manifest(model_dir)
+    except ModelUnavailable as exc:
+        return [exc.message]
+    problems = []
+    for name, expected in sorted(manifest["files"].items()):
+        path = model_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            problems.append(f"{name}: {size} bytes, the manifest says {expected.get('bytes')} (truncated or replaced)")
+        elif sha256_file(path) != expected.get("sha256"):
+            problems.append(f"{name}: sha256 mismatch (the file is corrupted or was modified)")
+    return problems
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    name: str
+    path: Path
+    recipe: str | None
+    quant: str | None
+    size_bytes: int
+
+
+def list_models(models_dir: Path) -> tuple[list[Recipe], list[BuiltModel]]:
+    recipes = []
+    for path in sorted(models_dir.glob("*.toml")):
+        try:
+            recipes.append(Recipe.load(path))
+        except ValueError:
+            continue
+    built = []
+    for path in sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []:
+        try:
+            manifest = read_manifest(path)
+        except ModelUnavailable:
+            continue
+        size = sum(int(f.get("bytes", 0)) for f in manifest["files"].values())
+        built.append(BuiltModel(path.name, path, manifest.get("recipe"), manifest.get("quant"), size))
+    return recipes, built

@@ -28,7 +28,9 @@ def cmd_model_build(args: argparse.Namespace) -> int:
 
     models_dir = _models_dir(args)
     recipe = find_recipe(models_dir, args.name)
-    build_model(recipe, args.quant or recipe.default_quant, models_dir, default_cache_dir(), _log, force=args.force)
+    build_model(
+        recipe, args.quant or recipe.default_quant, models_dir, default_cache_dir(), _log, force=args.force
+    )
     return 0
 
 
@@ -72,7 +74,9 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
 
         _log(f"building the fp32 reference {reference_dir.name} first")
         build_model(recipe, "fp32", models_dir, default_cache_dir(), _log)
-    result = agreement(Engine(reference_dir, threads=args.threads), Engine(candidate_dir, threads=args.threads))
+    result = agreement(
+        Engine(reference_dir, threads=args.threads), Engine(candidate_dir, threads=args.threads)
+    )
     print(f"model      {args.name}")
     print(f"reference  {reference_dir.name}")
     print(f"positions  {result.positions}")
@@ -83,18 +87,25 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     if not args.local:
-        raise EdgedError("the MQTT client mode of `edged ask` needs the daemon; use `edged ask --local` for now")
+        raise EdgedError(
+            "the MQTT client mode of `edged ask` needs the daemon; use `edged ask --local` for now"
+        )
     from edged.llm import Engine, GenerationRequest, Message, SamplingParams
 
     engine = Engine(_models_dir(args) / args.model, threads=args.threads, context_tokens=args.context_tokens)
     sampling = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repeat_penalty=args.repeat_penalty, seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
     )
 
     def answer(question: str) -> None:
         request = GenerationRequest(
-            messages=(Message("user", question),), max_tokens=args.max_tokens, sampling=sampling,
+            messages=(Message("user", question),),
+            max_tokens=args.max_tokens,
+            sampling=sampling,
             stop=tuple(args.stop),
         )
         generation = engine.generate(request)

@@ -33,7 +33,8 @@ class Agreement:
 def _log_softmax(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     x64 = x.astype(np.float64)
     shifted = x64 - x64.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    out: npt.NDArray[np.float64] = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return out
 
 
 def greedy_ids(engine: Engine, prompt_ids: list[int], tokens: int) -> list[int]:

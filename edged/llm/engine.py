@@ -48,6 +48,7 @@ class GenerationResult:
     finish_reason: str  # stop, length, deadline, cancelled (or a reason given to cancel())
     usage: Usage
     timings: Timings
+    token_ids: tuple[int, ...]  # the answer's tokens, end of turn excluded
 
 
 class StopMatcher:
@@ -101,6 +102,7 @@ class Generation(Iterator[str]):
         self._cancel_reason: str | None = None
         self._cancelled = threading.Event()
         self.result: GenerationResult | None = None
+        self.token_ids: list[int] = []  # grows as tokens are chosen
         self._steps = engine._run(self, request, prompt_ids)
 
     def __next__(self) -> str:
@@ -119,12 +121,12 @@ class Generation(Iterator[str]):
 class Engine:
     """A loaded model: tokenizer, chat template and ONNX decoder. Not thread-safe: one worker owns it."""
 
-    def __init__(self, model_dir: Path, *, threads: int | None = None, context_tokens: int | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, *, threads: int | None = None, context_tokens: int | None = None
+    ) -> None:
         model_file = model_dir / "model.onnx"
         if not model_file.is_file():
-            raise ModelUnavailable(
-                f"no model in {model_dir}; run `edged model build {model_dir.name}` first"
-            )
+            raise ModelUnavailable(f"no model in {model_dir}; run `edged model build {model_dir.name}` first")
         self.model_dir = model_dir
         self.name = model_dir.name
         self.tokenizer = ChatTokenizer(model_dir)
@@ -161,7 +163,9 @@ class Engine:
         if request.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
         if len(request.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(request.stop)}")
+            raise InvalidRequest(
+                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(request.stop)}"
+            )
         for s in request.stop:
             _check_text(s, "stop string")
         ids = self.tokenizer.encode(self.tokenizer.render(request.messages))
@@ -193,7 +197,7 @@ class Engine:
         decoder = IncrementalDecoder(self.tokenizer)
         stops = StopMatcher(request.stop)
         history = list(prompt_ids)
-        generated = 0
+        answer = gen.token_ids
         first_token_s: float | None = None
         text_parts: list[str] = []
         finish = "length"
@@ -213,7 +217,7 @@ class Engine:
             if token in self.end_ids:
                 finish = "stop"
                 break
-            generated += 1
+            answer.append(token)
             history.append(token)
             piece = stops.feed(decoder.push(token))
             if piece:
@@ -222,7 +226,7 @@ class Engine:
             if stops.stopped:
                 finish = "stop"
                 break
-            if generated >= max_tokens:
+            if len(answer) >= max_tokens:
                 break
             logits = self.session.forward([token], cache)[-1]
 
@@ -233,6 +237,7 @@ class Engine:
         end = time.monotonic()
         ttft_s = (first_token_s or end) - start
         decode_s = end - (first_token_s or end)
+        generated = len(answer)
         gen.result = GenerationResult(
             text="".join(text_parts),
             finish_reason=finish,
@@ -243,6 +248,7 @@ class Engine:
                 total_ms=round((end - start) * 1000, 1),
                 tokens_per_s=round((generated - 1) / decode_s, 1) if generated > 1 and decode_s > 0 else 0.0,
             ),
+            token_ids=tuple(answer),
         )
 
 

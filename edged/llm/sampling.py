@@ -53,7 +53,8 @@ def apply_repeat_penalty(logits: Logits, recent: Sequence[int], penalty: float) 
 
 def softmax(logits: Logits) -> Logits:
     shifted = np.exp(logits - logits.max())
-    return (shifted / shifted.sum()).astype(np.float32)
+    probs: Logits = (shifted / shifted.sum()).astype(np.float32)
+    return probs
 
 
 def candidate_probs(logits: Logits, params: SamplingParams) -> tuple[npt.NDArray[np.int64], Logits]:

@@ -49,7 +49,8 @@ class ChatTokenizer:
         self.eos_token = str(config.get("eos_token") or "")
 
     def token_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+        found = self._tok.token_to_id(token)
+        return None if found is None else int(found)
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text for ``messages``, ending with the assistant's turn opener."""

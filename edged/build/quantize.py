@@ -1,0 +1,339 @@
+"""Weight-only block quantization of an exported decoder graph, into onnxruntime's MatMulNBits.
+
+Every MatMul whose weight is a constant (including the tied lm_head, exported as a Transpose
+of the embedding table) becomes a MatMulNBits node; large embedding Gathers read the same
+quantized table and dequantize only the rows they fetch. Weights come either as float arrays
+(requantized here) or as the GGUF's own blocks, carried over exactly (see ``BlockWeights``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+BLOCK = 32
+# Smaller Gathers (position tables, norms) are not worth a dequantizing subgraph.
+_MIN_GATHER_ELEMENTS = 1 << 20
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """Weights of a [N, K] matrix (one row per output) in blocks of 32 along K:
+
+        W[n, k] = scale[n, b] * (q[n, k] - zero[n, b]) + residual[n, b],   b = k // 32
+
+    ``zero`` is an integer, as MatMulNBits needs for its fast kernels. GGUF's Q4_1 stores
+    W = d * q + m with a float minimum m; rounding -m/d to the integer ``zero`` leaves a small
+    per-block ``residual`` (m + d * zero), added back through the activations' block sums, so a
+    Q4_1 tensor is carried over exactly instead of being quantized a second time.
+    """
+
+    bits: int
+    q: U8  # [N, K], values 0 .. 2**bits - 1
+    scale: F32  # [N, K/32]
+    zero: U8  # [N, K/32]
+    residual: F32 | None  # [N, K/32], or None when every block is exact without it
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.q.shape
+        return int(n), int(k)
+
+    @classmethod
+    def from_affine(cls, bits: int, q: U8, d: F32, m: F32) -> BlockWeights:
+        """From W = d * q + m per block (GGUF Q4_1; Q8_0 with q + 128 and m = -128 d)."""
+        qmax = (1 << bits) - 1
+        safe_d = np.where(d == 0, np.float32(1), d)
+        zero = np.clip(np.rint(-m / safe_d), 0, qmax).astype(np.uint8)
+        residual = (m + d * zero.astype(np.float32)).astype(np.float32)
+        return cls(bits, q, d.astype(np.float32), zero, residual if np.any(residual) else None)
+
+    @classmethod
+    def quantize(cls, w: F32, bits: int) -> BlockWeights:
+        """Asymmetric round-to-nearest quantization of float weights [N, K]."""
+        n, k = w.shape
+        qmax = (1 << bits) - 1
+        blocks = w.reshape(n, k // BLOCK, BLOCK).astype(np.float32)
+        lo = np.minimum(blocks.min(axis=2), 0)
+        hi = np.maximum(blocks.max(axis=2), 0)
+        scale = ((hi - lo) / qmax).astype(np.float32)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        zero = np.clip(np.rint(-lo / safe), 0, qmax)
+        q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, qmax)
+        return cls(bits, q.reshape(n, k).astype(np.uint8), scale, zero.astype(np.uint8), None)
+
+    def dequantize(self) -> F32:
+        n, k = self.shape
+        q = self.q.reshape(n, k // BLOCK, BLOCK).astype(np.float32)
+        w = self.scale[..., None] * (q - self.zero[..., None].astype(np.float32))
+        if self.residual is not None:
+            w = w + self.residual[..., None]
+        return w.reshape(n, k).astype(np.float32)
+
+    def nibbles(self) -> tuple[BlockWeights, BlockWeights]:
+        """Two 4-bit matrices whose sum is exactly this 8-bit one: q = 16 h + l, z = 16 zh + zl.
+
+        onnxruntime runs 4-bit weights with float activations fast, but not 8-bit ones.
+        """
+        assert self.bits == 8
+        u8 = np.uint8
+        high = BlockWeights(
+            4, (self.q >> 4).astype(u8), self.scale * 16, (self.zero >> 4).astype(u8), self.residual
+        )
+        low = BlockWeights(4, (self.q & 0x0F).astype(u8), self.scale, (self.zero & 0x0F).astype(u8), None)
+        return high, low
+
+    def packed(self) -> U8:
+        """B of MatMulNBits: [N, K/32, 32*bits/8], two 4-bit values per byte, the first in the low nibble."""
+        n, k = self.shape
+        q = self.q.reshape(n, k // BLOCK, BLOCK)
+        if self.bits == 8:
+            same: U8 = np.ascontiguousarray(q)
+            return same
+        packed: U8 = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        return packed
+
+    def packed_zero(self) -> U8:
+        n, nb = self.zero.shape
+        if self.bits == 8:
+            return self.zero.reshape(-1).copy()
+        padded = np.zeros((n, nb + nb % 2), dtype=np.uint8)
+        padded[:, :nb] = self.zero
+        zeros: U8 = (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+        return zeros
+
+
+# Looks up the source blocks of a weight: (graph weight name, node name, float rows) -> blocks, or None.
+BlockSource = Callable[[str, str, F32], "BlockWeights | None"]
+
+
+class _Graph:
+    """The parts of an ONNX graph the rewrite touches, with name lookups."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self._counter = 0
+
+    def array(self, name: str) -> F32:
+        return numpy_helper.to_array(self.inits[name]).astype(np.float32)
+
+    def is_float_init(self, name: str) -> bool:
+        t = self.inits.get(name)
+        return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+
+    def add_init(self, name: str, array: npt.NDArray[np.generic]) -> str:
+        if name not in self.inits:
+            tensor = numpy_helper.from_array(array, name)
+            self.graph.initializer.append(tensor)
+            self.inits[name] = tensor
+        return name
+
+    def fresh(self, base: str) -> str:
+        self._counter += 1
+        return f"{base}/q{self._counter}"
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> onnx.NodeProto:
+        domain = "com.microsoft" if op == "MatMulNBits" else ""
+        return helper.make_node(op, inputs, outputs, name=self.fresh(op), domain=domain, **attrs)
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """A quantized weight stored in the graph: one or two 4/8-bit parts that add up to it."""
+
+    key: str
+    parts: tuple[BlockWeights, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.parts[0].shape
+
+
+def quantize_model(
+    model: onnx.ModelProto, bits: int, accuracy_level: int, source: BlockSource
+) -> dict[str, int]:
+    """Rewrites ``model`` in place; returns counts of what was converted (for the manifest)."""
+    g = _Graph(model)
+    # By content, so a tied lm_head shares the embedding's tables however the exporter spelled it.
+    tables: dict[bytes, _Tables] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    block_sums: dict[str, str] = {}
+    stats = {"matmul_nbits": 0, "exact_blocks": 0, "requantized": 0, "residual_paths": 0, "gathers": 0}
+
+    def tables_for(init_name: str, node_name: str, rows: F32) -> _Tables:
+        digest = hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).digest()
+        if digest not in tables:
+            bw = source(init_name, node_name, rows)
+            stats["exact_blocks" if bw is not None else "requantized"] += 1
+            bw = bw or BlockWeights.quantize(rows, bits)
+            parts = bw.nibbles() if bw.bits == 8 and accuracy_level == 0 else (bw,)
+            tables[digest] = _Tables(init_name, parts)
+        return tables[digest]
+
+    for node in g.graph.node:
+        if node.op_type == "MatMul":
+            weight = _constant_weight(g, node.input[1])
+            if weight is not None:
+                init_name, transposed = weight
+                w = g.array(init_name)
+                rows = w if transposed else np.ascontiguousarray(w.T)
+                if rows.shape[1] % BLOCK == 0:
+                    t = tables_for(init_name, node.name, rows)
+                    new_nodes.extend(_matmul_nbits(g, node, t, accuracy_level, block_sums))
+                    stats["matmul_nbits"] += len(t.parts)
+                    stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
+                    continue
+        if node.op_type == "Gather" and g.is_float_init(node.input[0]):
+            table = g.array(node.input[0])
+            if table.size >= _MIN_GATHER_ELEMENTS and table.shape[1] % BLOCK == 0:
+                t = tables_for(node.input[0], node.name, table)
+                new_nodes.extend(_dequantizing_gather(g, node, t))
+                stats["gathers"] += 1
+                continue
+        new_nodes.append(node)
+
+    del g.graph.node[:]
+    g.graph.node.extend(_live_nodes(new_nodes, [o.name for o in g.graph.output]))
+    used = {i for n in g.graph.node for i in n.input}
+    keep = [t for t in g.graph.initializer if t.name in used]
+    del g.graph.initializer[:]
+    g.graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return stats
+
+
+def _constant_weight(g: _Graph, name: str) -> tuple[str, bool] | None:
+    """(initializer, transposed) when a MatMul's B is a float initializer or a Transpose of one."""
+    if g.is_float_init(name):
+        return name, False
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Transpose" and g.is_float_init(node.input[0]):
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if perm == [1, 0]:
+            return node.input[0], True
+    return None
+
+
+def _packed_name(g: _Graph, t: _Tables, i: int) -> str:
+    return g.add_init(f"{t.key}.p{i}.q{t.parts[i].bits}", t.parts[i].packed())
+
+
+def _scale_name(g: _Graph, t: _Tables, i: int) -> str:
+    return g.add_init(f"{t.key}.p{i}.scale", t.parts[i].scale.reshape(-1))
+
+
+def _sum(g: _Graph, terms: list[str], out: str) -> list[onnx.NodeProto]:
+    """Nodes adding ``terms`` into ``out`` (a plain rename is not possible, so one term is an Identity)."""
+    if len(terms) == 1:
+        return [g.node("Identity", terms, [out])]
+    nodes, acc = [], terms[0]
+    for i, term in enumerate(terms[1:], start=2):
+        target = out if i == len(terms) else g.fresh(out)
+        nodes.append(g.node("Add", [acc, term], [target]))
+        acc = target
+    return nodes
+
+
+def _matmul_nbits(
+    g: _Graph, node: onnx.NodeProto, t: _Tables, accuracy_level: int, block_sums: dict[str, str]
+) -> list[onnx.NodeProto]:
+    n, k = t.shape
+    x, y = node.input[0], node.output[0]
+    nodes: list[onnx.NodeProto] = []
+    terms: list[str] = []
+    for i, part in enumerate(t.parts):
+        inputs = [x, _packed_name(g, t, i), _scale_name(g, t, i)]
+        if np.any(part.zero != (1 << (part.bits - 1))):  # MatMulNBits' default zero point is 2**(bits-1)
+            inputs.append(g.add_init(f"{t.key}.p{i}.zero", part.packed_zero()))
+        # onnxruntime has no fast float-activation kernel for 8-bit weights (~90 ms for SmolLM2's
+        # lm_head at level 0, ~1 ms at level 4); such weights are split into nibbles at level 0.
+        level = 4 if part.bits == 8 else accuracy_level
+        attrs = {"K": k, "N": n, "bits": part.bits, "block_size": BLOCK, "accuracy_level": level}
+        terms.append(g.fresh(y))
+        nodes.append(g.node("MatMulNBits", inputs, [terms[-1]], **attrs))
+        if part.residual is None:
+            continue
+        # + blocksum(x) @ residual^T: the exact Q4_1 correction, [.., K/32] x [K/32, N].
+        if x not in block_sums:
+            shape = g.add_init(f"shape.blocks.{k}", np.array([0, 0, k // BLOCK, BLOCK], dtype=np.int64))
+            axes = g.add_init("axes.last", np.array([-1], dtype=np.int64))
+            blocked, block_sums[x] = g.fresh(x), g.fresh(x)
+            nodes.append(g.node("Reshape", [x, shape], [blocked]))
+            nodes.append(g.node("ReduceSum", [blocked, axes], [block_sums[x]], keepdims=0))
+        r = g.add_init(f"{t.key}.p{i}.residual", np.ascontiguousarray(part.residual.T))
+        terms.append(g.fresh(y))
+        nodes.append(g.node("MatMul", [block_sums[x], r], [terms[-1]]))
+    return nodes + _sum(g, terms, y)
+
+
+def _dequantizing_gather(g: _Graph, node: onnx.NodeProto, t: _Tables) -> list[onnx.NodeProto]:
+    """Gathers rows of the packed tables, then W = sum of q * scale + offset on those rows only."""
+    _, k = t.shape
+    ids, out = node.input[1], node.output[0]
+    nodes: list[onnx.NodeProto] = []
+    terms: list[str] = []
+    blocks_shape = g.add_init(f"shape.blocks.{k}", np.array([0, 0, k // BLOCK, BLOCK], dtype=np.int64))
+    for i, part in enumerate(t.parts):
+        # The scales MatMulNBits reads, viewed per row: a Reshape of an initializer is folded at load.
+        gscale = g.fresh(out)
+        rows_shape = g.add_init(f"shape.rows.{k // BLOCK}", np.array([-1, k // BLOCK, 1], dtype=np.int64))
+        nodes.append(g.node("Reshape", [_scale_name(g, t, i), rows_shape], [gscale]))
+        q = g.fresh(out)
+        nodes.append(g.node("Gather", [_packed_name(g, t, i), ids], [q], axis=0))
+        if part.bits == 4:  # two values per byte, low nibble first
+            mask = g.add_init("const.u8.15", np.array(15, dtype=np.uint8))
+            four = g.add_init("const.u8.4", np.array(4, dtype=np.uint8))
+            axes = g.add_init("axes.last", np.array([-1], dtype=np.int64))
+            low, high, low1, high1, pairs, q4 = (g.fresh(out) for _ in range(6))
+            nodes += [
+                g.node("BitwiseAnd", [q, mask], [low]),
+                g.node("BitShift", [q, four], [high], direction="RIGHT"),
+                g.node("Unsqueeze", [low, axes], [low1]),
+                g.node("Unsqueeze", [high, axes], [high1]),
+                g.node("Concat", [low1, high1], [pairs], axis=-1),
+                g.node("Reshape", [pairs, blocks_shape], [q4]),
+            ]
+            q = q4
+        qf, sc, term = (g.fresh(out) for _ in range(3))
+        nodes += [
+            g.node("Cast", [q], [qf], to=TensorProto.FLOAT),
+            g.node("Gather", [gscale, ids], [sc], axis=0),
+            g.node("Mul", [qf, sc], [term]),
+        ]
+        offset = -part.scale * part.zero.astype(np.float32)
+        if part.residual is not None:
+            offset = offset + part.residual
+        if np.any(offset):
+            goffset = g.add_init(f"{t.key}.p{i}.gather_offset", offset.astype(np.float32)[..., None])
+            of, shifted = g.fresh(out), g.fresh(out)
+            nodes += [g.node("Gather", [goffset, ids], [of], axis=0), g.node("Add", [term, of], [shifted])]
+            term = shifted
+        terms.append(term)
+    blocked = g.fresh(out)
+    out_shape = g.add_init(f"shape.hidden.{k}", np.array([0, 0, k], dtype=np.int64))
+    return [*nodes, *_sum(g, terms, blocked), g.node("Reshape", [blocked, out_shape], [out])]
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """Drops nodes nothing depends on (the lm_head's Transpose), keeping topological order."""
+    needed = set(outputs)
+    live: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    return live[::-1]

@@ -1,0 +1,130 @@
+"""The generation loop on the tiny model: sampling, budgets, stop strings, cancellation, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edged.errors import InvalidRequest, ModelUnavailable, TooLong
+from edged.llm import Engine, GenerationRequest, Message, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: Path) -> Engine:
+    return Engine(tiny, threads=1)
+
+
+def ask(prompt: str, **kwargs: object) -> GenerationRequest:
+    return GenerationRequest(messages=(Message("user", prompt),), **kwargs)  # type: ignore[arg-type]
+
+
+def test_same_seed_gives_the_same_text_and_another_seed_differs(engine: Engine) -> None:
+    def sampled(seed: int) -> str:
+        params = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+        return engine.complete(ask("Tell me about tomatoes", max_tokens=24, sampling=params)).text
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(s) for s in (1, 2, 3)}) > 1, "sampling must depend on the seed"
+
+
+def test_top_k_1_equals_greedy(engine: Engine) -> None:
+    greedy = engine.complete(ask("Water boils at", max_tokens=20))
+    top1 = engine.complete(
+        ask("Water boils at", max_tokens=20, sampling=SamplingParams(temperature=1.3, top_k=1))
+    )
+    assert top1.token_ids == greedy.token_ids
+    assert len(greedy.token_ids) == 20
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 17])
+def test_max_tokens_is_honoured_exactly(engine: Engine, max_tokens: int) -> None:
+    result = engine.complete(ask("Count", max_tokens=max_tokens))
+    assert result.usage.completion_tokens == len(result.token_ids) == max_tokens
+    assert result.finish_reason == "length"
+
+
+def test_stop_string_cuts_before_the_stop_text(engine: Engine) -> None:
+    free = engine.complete(ask("Paris", max_tokens=30)).text
+    # Stop on a piece from the middle of the free-running answer: the answer must end right before it.
+    stop = free[10:13]
+    assert stop.strip(), f"need a visible stop string from {free!r}"
+    result = engine.complete(ask("Paris", max_tokens=30, stop=(stop,)))
+    assert result.finish_reason == "stop"
+    assert result.text == free[: free.index(stop)]
+    assert stop not in result.text
+
+
+def test_streamed_deltas_concatenate_to_the_final_text(engine: Engine) -> None:
+    generation = engine.generate(
+        ask("München 🍅", max_tokens=25, sampling=SamplingParams(temperature=1, seed=1))
+    )
+    deltas = list(generation)
+    assert generation.result is not None
+    assert "".join(deltas) == generation.result.text
+    assert generation.result.timings.total_ms >= generation.result.timings.ttft_ms > 0
+
+
+def test_cancellation_stops_within_one_token(engine: Engine) -> None:
+    generation = engine.generate(ask("Tell me a long story", max_tokens=200))
+    produced_at_cancel = None
+    for _ in generation:
+        if produced_at_cancel is None and len(generation.token_ids) >= 3:
+            produced_at_cancel = len(generation.token_ids)
+            generation.cancel()
+    assert generation.result is not None
+    assert generation.result.finish_reason == "cancelled"
+    assert produced_at_cancel is not None
+    assert generation.result.usage.completion_tokens <= produced_at_cancel + 1
+
+
+def test_cancel_reason_becomes_the_finish_reason(engine: Engine) -> None:
+    generation = engine.generate(ask("Hello", max_tokens=50))
+    next(generation)
+    generation.cancel("thermal")
+    list(generation)
+    assert generation.result is not None and generation.result.finish_reason == "thermal"
+
+
+def test_expired_deadline_ends_before_any_token(engine: Engine) -> None:
+    result = engine.complete(ask("Hello", max_tokens=50, deadline_s=0.0))
+    assert result.finish_reason == "deadline"
+    assert result.usage.completion_tokens == 0
+
+
+def test_answer_is_clipped_to_the_context_left_after_the_prompt(tiny: Path) -> None:
+    small = Engine(tiny, threads=1, context_tokens=40)
+    prompt_tokens = len(small.prompt_ids(ask("Hi")))
+    result = small.complete(ask("Hi", max_tokens=100))
+    assert result.usage.completion_tokens == 40 - prompt_tokens
+    assert result.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "words"),
+    [
+        (ask(""), InvalidRequest, "empty"),
+        (ask("   \n"), InvalidRequest, "empty"),
+        (GenerationRequest(messages=()), InvalidRequest, "no messages"),
+        (
+            GenerationRequest(messages=(Message("wizard", "hi"),)),
+            InvalidRequest,
+            "unknown chat role 'wizard'",
+        ),
+        (ask("bad \udcff bytes"), InvalidRequest, "not valid UTF-8"),
+        (ask("hi", stop=("\udc80",)), InvalidRequest, "not valid UTF-8"),
+        (ask("hi", max_tokens=0), InvalidRequest, "max_tokens"),
+        (ask("hi", stop=tuple("abcdefghi")), InvalidRequest, "at most 8 stop strings"),
+        (ask("word " * 400), TooLong, "context budget"),
+    ],
+)
+def test_bad_input_gets_a_specific_error(
+    engine: Engine, request_: GenerationRequest, error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match=words):
+        engine.generate(request_)
+
+
+def test_missing_model_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="edged model build"):
+        Engine(tmp_path / "nope")

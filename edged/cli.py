@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from edged.config import DEFAULT_CONFIG, Config
+from edged.config import load as load_config
 from edged.errors import EdgedError
 from edged.store import QUANTS, default_cache_dir, default_models_dir, find_recipe, list_models, verify
 
@@ -28,9 +30,7 @@ def cmd_model_build(args: argparse.Namespace) -> int:
 
     models_dir = _models_dir(args)
     recipe = find_recipe(models_dir, args.name)
-    build_model(
-        recipe, args.quant or recipe.default_quant, models_dir, default_cache_dir(), _log, force=args.force
-    )
+    build_model(recipe, args.quant or recipe.default_quant, models_dir, default_cache_dir(), _log, force=args.force)
     return 0
 
 
@@ -74,9 +74,7 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
 
         _log(f"building the fp32 reference {reference_dir.name} first")
         build_model(recipe, "fp32", models_dir, default_cache_dir(), _log)
-    result = agreement(
-        Engine(reference_dir, threads=args.threads), Engine(candidate_dir, threads=args.threads)
-    )
+    result = agreement(Engine(reference_dir, threads=args.threads), Engine(candidate_dir, threads=args.threads))
     print(f"model      {args.name}")
     print(f"reference  {reference_dir.name}")
     print(f"positions  {result.positions}")
@@ -85,11 +83,33 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {
+        "broker": getattr(args, "broker", None),
+        "node_id": getattr(args, "node", None),
+        "model": getattr(args, "model", None),
+        "models_dir": getattr(args, "models_dir", None),
+    }
+    path = Path(args.config) if getattr(args, "config", None) else None
+    return load_config(path, dict(os.environ), overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edged.daemon import serve
+
+    return serve(_config(args))
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(Path(args.file), {}, {})
+    broker = config.broker.url or "a private mosquitto on 127.0.0.1"
+    print(f"{args.file}: OK (node {config.node_id}, model {config.model}, broker {broker})")
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     if not args.local:
-        raise EdgedError(
-            "the MQTT client mode of `edged ask` needs the daemon; use `edged ask --local` for now"
-        )
+        return _ask_mqtt(args)
     from edged.llm import Engine, GenerationRequest, Message, SamplingParams
 
     engine = Engine(_models_dir(args) / args.model, threads=args.threads, context_tokens=args.context_tokens)
@@ -138,6 +158,40 @@ def cmd_ask(args: argparse.Namespace) -> int:
                 _log(f"error ({exc.code}): {exc.message}")
 
 
+def _ask_mqtt(args: argparse.Namespace) -> int:
+    import json
+
+    from edged.client import AskClient
+
+    if args.question is None:
+        raise EdgedError("give a question (or use --local for an interactive session)")
+    config = _config(args)
+    broker = config.broker.url or f"mqtt://127.0.0.1:{config.broker.local_port}"
+    node = None if args.fleet else config.node_id
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    streaming = args.stream and not args.json
+    with AskClient(broker, node, prefix=config.topic_prefix, password=config.broker.password) as client:
+        reply = client.ask(
+            args.question, timeout_s=args.timeout, on_delta=show if streaming else None, max_tokens=args.max_tokens
+        )
+    if args.json:
+        print(json.dumps(reply, ensure_ascii=False))
+        return 0
+    if not streaming:
+        sys.stdout.write(reply["text"])
+    print()
+    t = reply["timings"]
+    _log(
+        f"[{reply['node']} | {reply['usage']['completion_tokens']} tokens | TTFT {t['ttft_ms']:.0f} ms | "
+        f"{t['tokens_per_s']:.1f} tok/s | total {t['total_ms'] / 1000:.2f} s | {reply['finish_reason']}]"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,9 +220,31 @@ def _parser() -> argparse.ArgumentParser:
     models_dir_arg(p)
     p.set_defaults(func=cmd_model_eval)
 
-    p = sub.add_parser("ask", help="ask a question")
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present)")
+    p.add_argument("--broker", help="mqtt://[user@]host[:port] or mqtts://...; none: a private local broker")
+    p.add_argument("--node", help="node id (default: the host name)")
+    p.add_argument("--model")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="configuration")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    p = csub.add_parser("check", help="validate a configuration file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser("ask", help="ask a question (over MQTT, or --local in this process)")
     p.add_argument("question", nargs="?", help="omit for an interactive session (with --local)")
     p.add_argument("--local", action="store_true", help="run the model in this process, no broker")
+    p.add_argument("--config", help="TOML file: broker, node and topic prefix to ask")
+    p.add_argument("--broker", help="default: the configured broker, else mqtt://127.0.0.1:1883")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--node", help="the node to ask (default: this host's node id)")
+    target.add_argument("--fleet", action="store_true", help="ask whichever node is free")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--json", action="store_true", help="print the final reply as JSON")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -194,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except TimeoutError as exc:
+        print(f"edged: timeout: {exc}", file=sys.stderr)
+        return 3
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return 1

@@ -137,9 +137,7 @@ def verify(model_dir: Path) -> list[str]:
             continue
         size = path.stat().st_size
         if size != expected.get("bytes"):
-            problems.append(
-                f"{name}: {size} bytes, the manifest says {expected.get('bytes')} (truncated or replaced)"
-            )
+            problems.append(f"{name}: {size} bytes, the manifest says {expected.get('bytes')} (truncated or replaced)")
         elif sha256_file(path) != expected.get("sha256"):
             problems.append(f"{name}: sha256 mismatch (the file is corrupted or was modified)")
     return problems

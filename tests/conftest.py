@@ -75,10 +75,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     recipe_path = models_dir / "tiny.toml"
     recipe_path.write_text('default_quant = "int4"\naccuracy_level = 0\n[source]\nhf_dir = "../hf"\n')
     recipe = Recipe.load(recipe_path)
-    return {
-        q: build_model(recipe, q, models_dir, root / "cache", lambda _: None)
-        for q in ("fp32", "int8", "int4")
-    }
+    return {q: build_model(recipe, q, models_dir, root / "cache", lambda _: None) for q in ("fp32", "int8", "int4")}
 
 
 @pytest.fixture(scope="session")

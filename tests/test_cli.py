@@ -14,9 +14,7 @@ def edged(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[s
 
 
 def test_ask_local_streams_an_answer_then_timings(tiny: Path) -> None:
-    r = edged(
-        "ask", "--local", "--models-dir", str(tiny.parent), "--model", tiny.name, "--max-tokens", "8", "Hi"
-    )
+    r = edged("ask", "--local", "--models-dir", str(tiny.parent), "--model", tiny.name, "--max-tokens", "8", "Hi")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "8 answer tokens" in r.stderr and "tok/s" in r.stderr

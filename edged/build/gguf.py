@@ -57,9 +57,7 @@ class GGUFSource:
         byte decoder), so the tokenizer is rebuilt from the raw vocabulary instead.
         """
         if self.field("tokenizer.ggml.model") != "gpt2":
-            raise ValueError(
-                f"{self.path.name}: only byte-level BPE (gguf model 'gpt2') tokenizers are supported"
-            )
+            raise ValueError(f"{self.path.name}: only byte-level BPE (gguf model 'gpt2') tokenizers are supported")
         tokens: list[str] = list(self.field("tokenizer.ggml.tokens"))
         types: list[int] = list(self.field("tokenizer.ggml.token_type"))
         merges = [tuple(m.split(" ", 1)) for m in self.field("tokenizer.ggml.merges")]
@@ -105,9 +103,7 @@ class GGUFSource:
             )
             if np.allclose(candidate.dequantize(), rows, rtol=0, atol=1e-6 * float(np.abs(rows).max() or 1)):
                 return candidate
-        raise ValueError(
-            f"GGUF tensor {name} does not match the exported weight of {node_name or onnx_weight}"
-        )
+        raise ValueError(f"GGUF tensor {name} does not match the exported weight of {node_name or onnx_weight}")
 
     def _gguf_name(self, onnx_weight: str, node_name: str) -> str | None:
         if onnx_weight == "model.embed_tokens.weight":

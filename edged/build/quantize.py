@@ -87,9 +87,7 @@ class BlockWeights:
         """
         assert self.bits == 8
         u8 = np.uint8
-        high = BlockWeights(
-            4, (self.q >> 4).astype(u8), self.scale * 16, (self.zero >> 4).astype(u8), self.residual
-        )
+        high = BlockWeights(4, (self.q >> 4).astype(u8), self.scale * 16, (self.zero >> 4).astype(u8), self.residual)
         low = BlockWeights(4, (self.q & 0x0F).astype(u8), self.scale, (self.zero & 0x0F).astype(u8), None)
         return high, low
 
@@ -162,9 +160,7 @@ class _Tables:
         return self.parts[0].shape
 
 
-def quantize_model(
-    model: onnx.ModelProto, bits: int, accuracy_level: int, source: BlockSource
-) -> dict[str, int]:
+def quantize_model(model: onnx.ModelProto, bits: int, accuracy_level: int, source: BlockSource) -> dict[str, int]:
     """Rewrites ``model`` in place; returns counts of what was converted (for the manifest)."""
     g = _Graph(model)
     # By content, so a tied lm_head shares the embedding's tables however the exporter spelled it.

@@ -121,9 +121,7 @@ class Generation(Iterator[str]):
 class Engine:
     """A loaded model: tokenizer, chat template and ONNX decoder. Not thread-safe: one worker owns it."""
 
-    def __init__(
-        self, model_dir: Path, *, threads: int | None = None, context_tokens: int | None = None
-    ) -> None:
+    def __init__(self, model_dir: Path, *, threads: int | None = None, context_tokens: int | None = None) -> None:
         model_file = model_dir / "model.onnx"
         if not model_file.is_file():
             raise ModelUnavailable(f"no model in {model_dir}; run `edged model build {model_dir.name}` first")
@@ -163,9 +161,7 @@ class Engine:
         if request.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
         if len(request.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(
-                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(request.stop)}"
-            )
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(request.stop)}")
         for s in request.stop:
             _check_text(s, "stop string")
         ids = self.tokenizer.encode(self.tokenizer.render(request.messages))
@@ -176,9 +172,12 @@ class Engine:
             )
         return ids
 
-    def generate(self, request: GenerationRequest) -> Generation:
-        """Starts a generation; validation errors are raised here, before any compute."""
-        return Generation(self, request, self.prompt_ids(request))
+    def generate(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> Generation:
+        """Starts a generation; validation errors are raised here, before any compute.
+
+        ``prompt_ids`` from an earlier ``prompt_ids(request)`` saves rendering the prompt twice.
+        """
+        return Generation(self, request, prompt_ids if prompt_ids is not None else self.prompt_ids(request))
 
     def complete(self, request: GenerationRequest) -> GenerationResult:
         """Runs a generation to its end."""

@@ -67,9 +67,7 @@ class DecoderSession:
             self._past_to_present[name] = present
             self._empty[name] = np.zeros((1, heads, 0, head_dim), dtype=_DTYPES.get(meta.type, np.float32))
         if not self._past_to_present:
-            raise ModelUnavailable(
-                f"{model_path} was exported without a KV cache (no past_key_values.* inputs)"
-            )
+            raise ModelUnavailable(f"{model_path} was exported without a KV cache (no past_key_values.* inputs)")
         self._output_names = ["logits", *self._past_to_present.values()]
 
     def new_cache(self) -> KVCache:

@@ -62,9 +62,7 @@ def test_carried_blocks_compute_the_source_weights(make: object, level: int) -> 
     model = graph(rows, vocab_gather=True)
     stats = quantize_model(model, 4, level, lambda *_: bw)
     assert stats["exact_blocks"] == 1 and stats["requantized"] == 0, "one table shared by MatMul and Gather"
-    assert not any(
-        t.data_type == TensorProto.FLOAT and list(t.dims) == [128, 96] for t in model.graph.initializer
-    )
+    assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == [128, 96] for t in model.graph.initializer)
     x = RNG.standard_normal((1, 3, 128)).astype(np.float32)
     ids = np.array([[0, 95, 7]], dtype=np.int64)
     y, e = run(model, {"x": x, "ids": ids})

@@ -36,9 +36,7 @@ def test_second_build_is_a_no_op(tiny_models: dict[str, Path]) -> None:
     assert (model_dir / "model.onnx").stat().st_mtime_ns == before
 
 
-def test_verify_reports_a_flipped_byte_and_a_missing_file(
-    tiny_models: dict[str, Path], tmp_path: Path
-) -> None:
+def test_verify_reports_a_flipped_byte_and_a_missing_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "models" / "tiny"
     shutil.copytree(tiny_models["int4"], copy)
     ok = edged("model", "verify", "tiny", "--models-dir", str(copy.parent))

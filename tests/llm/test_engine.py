@@ -30,9 +30,7 @@ def test_same_seed_gives_the_same_text_and_another_seed_differs(engine: Engine) 
 
 def test_top_k_1_equals_greedy(engine: Engine) -> None:
     greedy = engine.complete(ask("Water boils at", max_tokens=20))
-    top1 = engine.complete(
-        ask("Water boils at", max_tokens=20, sampling=SamplingParams(temperature=1.3, top_k=1))
-    )
+    top1 = engine.complete(ask("Water boils at", max_tokens=20, sampling=SamplingParams(temperature=1.3, top_k=1)))
     assert top1.token_ids == greedy.token_ids
     assert len(greedy.token_ids) == 20
 
@@ -56,9 +54,7 @@ def test_stop_string_cuts_before_the_stop_text(engine: Engine) -> None:
 
 
 def test_streamed_deltas_concatenate_to_the_final_text(engine: Engine) -> None:
-    generation = engine.generate(
-        ask("München 🍅", max_tokens=25, sampling=SamplingParams(temperature=1, seed=1))
-    )
+    generation = engine.generate(ask("München 🍅", max_tokens=25, sampling=SamplingParams(temperature=1, seed=1)))
     deltas = list(generation)
     assert generation.result is not None
     assert "".join(deltas) == generation.result.text

@@ -1,0 +1,189 @@
+"""One typed, validated configuration: TOML file, then environment, then command-line flags."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edged.store import default_models_dir
+
+DEFAULT_CONFIG = Path("/etc/edged/edged.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/edged")
+LOCAL_BROKER_PORT = 1883
+
+
+class ConfigError(ValueError):
+    """A configuration a person must fix; the message says where and how."""
+
+
+def default_node_id() -> str:
+    return re.sub(r"[^a-zA-Z0-9_-]", "", socket.gethostname()) or "edged"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = ""  # mqtt://[user@]host[:port] or mqtts://...; empty: a private Mosquitto on 127.0.0.1
+    protocol: str = "v5"  # or "v3.1.1"
+    client_id: str = ""  # default: edged-<node_id>
+    password: str = ""  # prefer password_file or the systemd credential "broker-password"
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: int = 30
+    session_expiry_s: int = 86400  # how long the broker keeps our subscriptions and queued requests
+    local_port: int = LOCAL_BROKER_PORT  # port of the private broker when url is empty
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def username(self) -> str | None:
+        return urlsplit(self.url).username
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+@dataclass(frozen=True)
+class Config:
+    node_id: str = field(default_factory=default_node_id)
+    topic_prefix: str = "edged"
+    model: str = "smollm2-135m-instruct"
+    models_dir: str = ""  # default: models/ of a checkout, else /var/lib/edged/models
+    state_dir: str = ""  # journal and private broker; default /var/lib/edged (or $STATE_DIRECTORY)
+    threads: int = 0  # 0: all cores on 1-2 core boards, else cores - 1
+    context_tokens: int = 2048
+    system_prompt: str = ""  # empty: the model's own default system turn
+    max_tokens: int = 256  # per request, when the request does not say
+    max_tokens_cap: int = 512  # no request gets more
+    deadline_ms: int = 120_000  # per request, when the request does not say
+    queue_capacity: int = 16
+    max_payload_bytes: int = 32_768
+    dedupe_window_s: int = 3600
+    rate_limit_per_min: float = 60.0  # per client; 0 disables
+    rate_limit_burst: int = 10
+    journal_keep: int = 10_000  # finished entries kept at most
+    journal_keep_s: int = 7 * 86400  # and for at most this long
+    stop_grace_s: float = 10.0  # on SIGTERM the running answer may finish within this, else it is cancelled
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+
+    def resolved_models_dir(self) -> Path:
+        return Path(self.models_dir) if self.models_dir else default_models_dir()
+
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir)
+        return Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR)
+
+    def topic(self, leaf: str) -> str:
+        return f"{self.topic_prefix}/{self.node_id}/{leaf}"
+
+
+def _check_types(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {section}")
+    out = {}
+    for key, value in values.items():
+        expected = known[key].type
+        ok = {
+            "str": isinstance(value, str),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+        }.get(str(expected), True)
+        if not ok:
+            raise ConfigError(f"{section}.{key} must be a {expected}, got {type(value).__name__} {value!r}")
+        out[key] = float(value) if expected == "float" else value
+    return out
+
+
+def validate(config: Config) -> Config:
+    """Cross-field rules, checked once at load."""
+    if not re.fullmatch(r"[a-zA-Z0-9_-]+", config.node_id):
+        raise ConfigError(f"node_id {config.node_id!r} may only hold letters, digits, '_' and '-'")
+    if not re.fullmatch(r"[a-zA-Z0-9_-]+", config.topic_prefix):
+        raise ConfigError(f"topic_prefix {config.topic_prefix!r} may only hold letters, digits, '_' and '-'")
+    for key in ("max_tokens", "max_tokens_cap", "deadline_ms", "queue_capacity", "max_payload_bytes"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    if config.max_tokens > config.max_tokens_cap:
+        raise ConfigError(f"max_tokens ({config.max_tokens}) is above max_tokens_cap ({config.max_tokens_cap})")
+    if config.broker.protocol not in ("v5", "v3.1.1"):
+        raise ConfigError(f"broker.protocol must be 'v5' or 'v3.1.1', got {config.broker.protocol!r}")
+    if config.broker.url:
+        parts = urlsplit(config.broker.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"broker.url {config.broker.url!r} must look like mqtt://[user@]host[:port]")
+    return config
+
+
+def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> Config:
+    """The file (``path``, else /etc/edged/edged.toml when present), then EDGED_* variables, then flags."""
+    data: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    broker_data = data.pop("broker", {})
+    if not isinstance(broker_data, dict):
+        raise ConfigError("[broker] must be a table")
+    top = _check_types("the configuration", Config, data)
+    broker = _check_types("[broker]", BrokerConfig, broker_data)
+
+    env_map = {
+        "EDGED_NODE": (top, "node_id"),
+        "EDGED_MODEL": (top, "model"),
+        "EDGED_MODELS_DIR": (top, "models_dir"),
+        "EDGED_STATE_DIR": (top, "state_dir"),
+        "EDGED_BROKER": (broker, "url"),
+        "EDGED_BROKER_PASSWORD": (broker, "password"),
+    }
+    for var, (target, key) in env_map.items():
+        if env.get(var):
+            target[key] = env[var]
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "broker":
+            broker["url"] = value
+        else:
+            top[key] = value
+
+    config = Config(**top, broker=BrokerConfig(**broker))
+    return validate(replace(config, broker=replace(config.broker, password=_password(config.broker, env))))
+
+
+def _password(broker: BrokerConfig, env: dict[str, str]) -> str:
+    """The broker password: inline, a file, or the systemd credential ``broker-password``."""
+    if broker.password:
+        return broker.password
+    candidates = [broker.password_file] if broker.password_file else []
+    if env.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(str(Path(env["CREDENTIALS_DIRECTORY"]) / "broker-password"))
+    for candidate in candidates:
+        try:
+            return Path(candidate).read_text().strip()
+        except OSError as exc:
+            if candidate == broker.password_file:
+                raise ConfigError(f"broker.password_file {candidate}: {exc.strerror}") from exc
+    return ""

@@ -1,0 +1,324 @@
+"""``edged serve``: the composition root. Builds every part from the config, wires them, runs, stops."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+import edged
+from edged import protocol
+from edged.broker import LocalBroker
+from edged.config import Config
+from edged.errors import EdgedError, InvalidRequest, ModelUnavailable, RateLimited
+from edged.journal import Journal
+from edged.llm import Engine, Generation, GenerationRequest, Message
+from edged.mqtt import Inbound, Link
+from edged.protocol import Defaults, Envelope, Request, Route, parse, route_of
+from edged.scheduler import RateLimiter, Scheduler
+
+log = logging.getLogger("edged")
+
+
+class _Deliveries:
+    """Marks a journaled request done once the broker acknowledged its final reply."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._pending: list[tuple[paho.MQTTMessageInfo, str]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="edged-deliveries", daemon=True)
+        self._thread.start()
+
+    def track(self, info: paho.MQTTMessageInfo, request_id: str) -> None:
+        with self._cond:
+            self._pending.append((info, request_id))
+            self._cond.notify()
+
+    def drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._pending:
+                    break
+            time.sleep(0.02)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                if not self._pending:
+                    self._cond.wait(1.0)
+                delivered = [p for p in self._pending if p[0].is_published()]
+                self._pending = [p for p in self._pending if not p[0].is_published()]
+            for _, request_id in delivered:
+                self._journal.done(request_id)
+            if not delivered:
+                time.sleep(0.01)
+
+
+class Daemon:
+    """The running node: MQTT link, journal, scheduler and engine, with one stop path."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        self.counters: Counter[str] = Counter()
+        self.started = time.time()
+        self.state = "starting"
+        self.reason: str | None = None
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.broker: LocalBroker | None = None
+        self._accepting = threading.Event()
+        self.defaults = Defaults(
+            answer_prefix=config.topic("answer"),
+            system_prompt=config.system_prompt,
+            max_tokens=config.max_tokens,
+            max_tokens_cap=config.max_tokens_cap,
+            deadline_ms=config.deadline_ms,
+            max_payload_bytes=config.max_payload_bytes,
+        )
+        self.limiter = RateLimiter(config.rate_limit_per_min, config.rate_limit_burst)
+        self.journal = Journal(config.resolved_state_dir() / "journal.sqlite")
+        self.deliveries = _Deliveries(self.journal)
+        broker_config = config.broker
+        if not broker_config.url:
+            self.broker = LocalBroker(config.resolved_state_dir(), broker_config.local_port)
+        self.link: Link | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        try:
+            self._start()
+            self.stop_event.wait()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _start(self) -> None:
+        config = self.config
+        broker_config = config.broker
+        if self.broker is not None:
+            self.broker.start()
+            from dataclasses import replace
+
+            broker_config = replace(broker_config, url=self.broker.url)
+        self._load_engine()
+        self.link = Link(
+            broker_config,
+            client_id=broker_config.client_id or f"edged-{config.node_id}",
+            will=(config.topic("status"), self._status_payload("offline", "connection lost")),
+            on_message=self._on_message,
+            on_connect=self.publish_status,
+        )
+        self.link.subscribe(config.topic("ask"))
+        self.link.subscribe(config.topic("cancel"))
+        fleet = f"{config.topic_prefix}/fleet/ask"
+        self.link.subscribe(f"$share/{config.topic_prefix}/{fleet}" if self.link.v5 else fleet)
+        self._replay()
+        self._accepting.set()
+        self.link.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
+        self.journal.prune(config.journal_keep, config.journal_keep_s)
+
+    def _load_engine(self) -> None:
+        model_dir = self.config.resolved_models_dir() / self.config.model
+        try:
+            engine = Engine(model_dir, threads=self.config.threads or None, context_tokens=self.config.context_tokens)
+            engine.complete(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=1))  # warm-up
+        except ModelUnavailable as exc:
+            log.error("model unavailable: %s", exc.message)
+            self.state, self.reason = "degraded", exc.message
+            return
+        self.engine = engine
+        self.scheduler = Scheduler(engine, self.config.queue_capacity, _Replies(self))
+        self.scheduler.on_change = self.publish_status
+        self.state, self.reason = "online", None
+        log.info("model %s loaded (%d threads)", engine.name, engine.session.threads)
+
+    def _shutdown(self) -> None:
+        self.state, self.reason = "stopping", None
+        self._accepting.clear()  # new messages stay unacknowledged: the broker redelivers them later
+        if self.scheduler is not None:
+            self.scheduler.stop(self.config.stop_grace_s)
+        self.deliveries.drain(5)
+        if self.link is not None:
+            self.link.stop(last_words=(self.config.topic("status"), self._status_payload("offline", "stopped")))
+        if self.broker is not None:
+            self.broker.stop()
+        self.journal.close()
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def _status_payload(self, state: str, reason: str | None) -> bytes:
+        return protocol.status(
+            state=state,
+            reason=reason,
+            model=self.config.model,
+            queue=self.scheduler.depth if self.scheduler else 0,
+            capacity=self.config.queue_capacity,
+            governor="normal",
+            since=self.started,
+            version=edged.__version__,
+        )
+
+    def publish_status(self) -> None:
+        if self.link is not None and self.link.connected.is_set():
+            self.link.publish(
+                self.config.topic("status"), self._status_payload(self.state, self.reason), 1, retain=True
+            )
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _on_message(self, msg: Inbound) -> None:
+        if not self._accepting.is_set():
+            return
+        assert self.link is not None
+        if msg.topic == self.config.topic("cancel"):
+            self._on_cancel(msg.envelope)
+        else:
+            self._admit(msg.envelope)
+        self.link.ack(msg.mid, msg.envelope.qos)
+
+    def _on_cancel(self, env: Envelope) -> None:
+        try:
+            body: Any = json.loads(env.payload)
+            request_id = body["id"] if isinstance(body, dict) else None
+        except (ValueError, KeyError, UnicodeDecodeError):
+            request_id = None
+        if not isinstance(request_id, str) or self.scheduler is None or not self.scheduler.cancel(request_id):
+            self.counters["cancel_unmatched"] += 1
+
+    def _admit(self, env: Envelope) -> None:
+        self.counters["received"] += 1
+        request_id, route, _ = route_of(env, self.defaults)
+        try:
+            request = parse(env, self.defaults)
+            client = request.client or request.route.topic
+            retry = self.limiter.admit(client)
+            if retry is not None:
+                raise RateLimited(f"client {client!r} is sending too fast; wait {retry} s", retry_after_s=retry)
+            if self.engine is None or self.scheduler is None:
+                raise ModelUnavailable(f"no model is loaded on this node: {self.reason}", retry_after_s=60)
+            prompt_ids = self.engine.prompt_ids(request.generation)
+        except EdgedError as exc:
+            self._reject(request_id, route, exc)
+            return
+        if not self.journal.record(request.id, env, self.config.dedupe_window_s):
+            self.counters["duplicates"] += 1
+            log.info("duplicate delivery of %s ignored", request.id, extra={"request_id": request.id})
+            return
+        try:
+            self.scheduler.submit(request, prompt_ids)
+        except EdgedError as exc:
+            self._finish(request, protocol.error(request.id, exc, node=self.config.node_id))
+            self.counters[f"error.{exc.code}"] += 1
+
+    def _reject(self, request_id: str, route: Route, exc: EdgedError) -> None:
+        self.counters[f"error.{exc.code}"] += 1
+        if isinstance(exc, InvalidRequest):
+            self.counters["invalid"] += 1
+        log.info("request %s refused: %s: %s", request_id, exc.code, exc.message, extra={"request_id": request_id})
+        assert self.link is not None
+        self.link.publish(
+            route.topic,
+            protocol.error(request_id, exc, node=self.config.node_id),
+            route.qos,
+            correlation=route.correlation,
+        )
+
+    def _finish(self, request: Request, payload: bytes) -> None:
+        """Sends the one final reply of a journaled request; done once the broker has it."""
+        assert self.link is not None
+        self.journal.replied(request.id, request.route.topic, payload)
+        info = self.link.publish(request.route.topic, payload, request.route.qos, correlation=request.route.correlation)
+        self.deliveries.track(info, request.id)
+        self.counters["answered"] += 1
+
+    def _replay(self) -> None:
+        """Finishes what a previous run accepted: re-sends stored replies, re-runs or expires the rest."""
+        for item in self.journal.unfinished():
+            env = item.envelope
+            if item.reply is not None and item.reply_topic is not None:
+                assert self.link is not None
+                info = self.link.publish(item.reply_topic, item.reply, env.qos, correlation=env.correlation)
+                self.deliveries.track(info, item.id)
+                continue
+            try:
+                request = parse(env, self.defaults)
+                if self.engine is None or self.scheduler is None:
+                    raise ModelUnavailable(f"no model is loaded on this node: {self.reason}")
+                if time.time() >= request.deadline_at:
+                    self._finish(request, self._ended_payload(request, "deadline"))
+                    continue
+                self.scheduler.submit(request, self.engine.prompt_ids(request.generation), force=True)
+            except EdgedError as exc:
+                _, route, _ = route_of(env, self.defaults)
+                self._finish(_replayed(item.id, route), protocol.error(item.id, exc, node=self.config.node_id))
+            log.info("replaying journaled request %s", item.id, extra={"request_id": item.id})
+
+    def _ended_payload(self, request: Request, reason: str) -> bytes:
+        queue_ms = (time.time() - request.received_at) * 1000
+        return protocol.unfinished(
+            request.id, reason, model=self.config.model, node=self.config.node_id, queue_ms=queue_ms
+        )
+
+
+def _replayed(request_id: str, route: Route) -> Request:
+    """A stand-in request carrying only the id and route, for replying to an unparseable journal entry."""
+    return Request(request_id, route, GenerationRequest(messages=()), False, "normal", "", 0.0, 0.0)
+
+
+class _Replies:
+    """The scheduler's output, sent over MQTT."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    def chunk(self, request: Request, seq: int, delta: str) -> None:
+        assert self._d.link is not None
+        self._d.link.publish(
+            request.route.topic,
+            protocol.chunk(request.id, seq, delta),
+            request.route.qos,
+            correlation=request.route.correlation,
+        )
+
+    def result(self, request: Request, generation: Generation) -> None:
+        assert generation.result is not None
+        d = self._d
+        d._finish(
+            request,
+            protocol.final(request.id, generation.result, model=d.config.model, node=d.config.node_id, energy_j=None),
+        )
+
+    def ended(self, request: Request, finish_reason: str) -> None:
+        self._d._finish(request, self._d._ended_payload(request, finish_reason))
+
+    def failed(self, request: Request, exc: EdgedError) -> None:
+        self._d.counters[f"error.{exc.code}"] += 1
+        self._d._finish(request, protocol.error(request.id, exc, node=self._d.config.node_id))
+
+
+def serve(config: Config) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    Path(config.resolved_state_dir()).mkdir(parents=True, exist_ok=True)
+    return Daemon(config).run()

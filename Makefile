@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: setup models run test lint clean
+.PHONY: setup models run test lint clean bench
 
 # The virtual environment with edged and its build tools. torch is installed first and alone:
 # `pip install torch==2.13.0` takes the CPU wheel (see README, "Models").
@@ -22,9 +22,10 @@ models: setup
 	$(BIN)/edged model build $(MODEL)
 	$(BIN)/edged model build $(MODEL) --quant fp32
 
+# Serves on MQTT; with no broker configured, a private Mosquitto on 127.0.0.1:1883 (needs `mosquitto`).
 run: setup
 	$(BIN)/edged model build $(MODEL)
-	$(BIN)/edged ask --local --model $(MODEL)
+	$(BIN)/edged serve --model $(MODEL)
 
 lint: setup
 	$(BIN)/ruff check edged tests
@@ -33,6 +34,9 @@ lint: setup
 
 test: models lint
 	$(BIN)/python -m pytest -q
+
+bench: models
+	$(BIN)/edged bench
 
 clean:
 	rm -rf $(VENV) models/*/

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edged.store import default_models_dir
+from edged.store import checkout_dir, default_models_dir
 
 DEFAULT_CONFIG = Path("/etc/edged/edged.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edged")
@@ -85,9 +85,13 @@ class Config:
         return Path(self.models_dir) if self.models_dir else default_models_dir()
 
     def resolved_state_dir(self) -> Path:
+        """The config's, else systemd's $STATE_DIRECTORY, else ``state/`` in a checkout, else /var/lib/edged."""
         if self.state_dir:
             return Path(self.state_dir)
-        return Path(os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR)
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        checkout = checkout_dir()
+        return checkout / "state" if checkout else DEFAULT_STATE_DIR
 
     def topic(self, leaf: str) -> str:
         return f"{self.topic_prefix}/{self.node_id}/{leaf}"

@@ -24,12 +24,16 @@ MODEL_FILES = (
 DEPLOYED_MODELS_DIR = Path("/var/lib/edged/models")
 
 
+def checkout_dir() -> Path | None:
+    """The source checkout edged runs from (``make run``), or None when installed."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "models").is_dir() else None
+
+
 def default_models_dir() -> Path:
     """``models/`` of the checkout edged runs from, else the deployed state directory."""
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "models").is_dir():
-        return checkout / "models"
-    return DEPLOYED_MODELS_DIR
+    checkout = checkout_dir()
+    return checkout / "models" if checkout else DEPLOYED_MODELS_DIR
 
 
 def default_cache_dir() -> Path:

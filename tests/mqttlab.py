@@ -145,7 +145,7 @@ class Node:
         self.node_id = node_id
         self.broker_url = broker_url
         lines = [f'node_id = "{node_id}"', f'state_dir = "{workdir}"', f'models_dir = "{models_dir}"']
-        broker = {"url": broker_url}
+        broker: dict[str, Any] = {"url": broker_url} if broker_url else {}
         for key, value in settings.items():
             if key.startswith("broker_"):
                 broker[key[7:]] = value
@@ -160,7 +160,6 @@ class Node:
 
     def start(self, port: int, timeout_s: float = 60, prefix: str = "edged") -> Node:
         """Starts the daemon and waits for its retained status to say online."""
-        watcher = Listener(port)
         started = int(time.time()) - 1  # status "since" has whole seconds
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -169,8 +168,9 @@ class Node:
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+        wait_port(port, timeout_s)  # the node may be starting its own broker
+        watcher = Listener(port, f"{prefix}/{self.node_id}/status")
         try:
-            watcher.subscribe(f"{prefix}/{self.node_id}/status")
             deadline = time.monotonic() + timeout_s
             while True:
                 status = watcher.json(max(0.1, deadline - time.monotonic()))

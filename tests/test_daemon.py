@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMOLLM2
-from tests.mqttlab import Listener, Mosquitto, Node
+from tests.mqttlab import Listener, Mosquitto, Node, free_port
 
 pytestmark = pytest.mark.model
 
@@ -336,3 +338,31 @@ def test_sigterm_publishes_offline_status(broker: Mosquitto, smollm2_dirs: dict[
     assert n.proc is not None and n.proc.wait(30) == 0
     status = Listener(broker.port, "edged/bye/status").json()
     assert status["state"] == "offline"
+
+
+def test_serve_without_a_broker_runs_a_private_mosquitto(smollm2_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The quick start: no broker configured, `edged serve` supervises its own; `edged ask` talks to it."""
+    port = free_port()
+    solo = Node(tmp_path, "", "solo", smollm2_dirs["int4"].parent, model=SMOLLM2, broker_local_port=port)
+    solo.start(port)
+    url = f"mqtt://127.0.0.1:{port}"
+
+    def edged_ask(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "edged", "ask", "--broker", url, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    try:
+        ok = edged_ask("--node", "solo", "--stream", "What is the capital of France?")
+        assert ok.returncode == 0, ok.stderr
+        assert "Paris" in ok.stdout and "solo" in ok.stderr
+        as_json = json.loads(edged_ask("--node", "solo", "--json", "--max-tokens", "3", "Hi").stdout)
+        assert as_json["status"] == "ok" and as_json["usage"]["completion_tokens"] <= 3
+        refused = edged_ask("--node", "solo", "--max-tokens", "0", "Hi")
+        assert refused.returncode == 2 and "invalid_request" in refused.stderr and "max_tokens" in refused.stderr
+        silent = edged_ask("--node", "nobody", "--timeout", "1", "Hi")
+        assert silent.returncode == 3 and "no answer from nobody" in silent.stderr
+    finally:
+        assert solo.stop() == 0
+    assert not (tmp_path / "broker" / "mosquitto.conf").read_text().count("0.0.0.0")
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the private broker must stop with the daemon"

@@ -192,6 +192,12 @@ def _ask_mqtt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edged.bench import run
+
+    return run(_models_dir(args), args.model, quick=args.quick, as_json=args.json, threads=args.threads)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +233,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     models_dir_arg(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="engine speed per build and MQTT overhead, as tables and ratios")
+    p.add_argument("--quick", action="store_true", help="fewer tokens and requests (a smoke run)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--threads", type=int)
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="configuration")
     csub = p.add_subparsers(dest="config_command", required=True)

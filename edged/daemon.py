@@ -107,7 +107,12 @@ class Daemon:
             signal.signal(sig, lambda *_: self.stop_event.set())
         try:
             self._start()
-            self.stop_event.wait()
+            published_depth = -1
+            while not self.stop_event.wait(1.0):
+                depth = self.scheduler.depth if self.scheduler else 0
+                if depth != published_depth:  # queue depth in the retained status, at most once a second
+                    self.publish_status()
+                    published_depth = depth
         finally:
             self._shutdown()
         return 0
@@ -150,7 +155,6 @@ class Daemon:
             return
         self.engine = engine
         self.scheduler = Scheduler(engine, self.config.queue_capacity, _Replies(self))
-        self.scheduler.on_change = self.publish_status
         self.state, self.reason = "online", None
         log.info("model %s loaded (%d threads)", engine.name, engine.session.threads)
 

@@ -79,7 +79,6 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="edged-worker", daemon=True)
         self.heartbeat = time.monotonic()  # moves while the worker is alive and not stuck
-        self.on_change: Callable[[], None] = lambda: None  # queue depth changed
 
     @property
     def depth(self) -> int:
@@ -103,7 +102,6 @@ class Scheduler:
             heapq.heappush(self._heap, job)
             self._queued[request.id] = job
             self._cond.notify()
-        self.on_change()
 
     def cancel(self, request_id: str) -> bool:
         """Cancels a queued or running request; the running one stops before its next token."""
@@ -112,7 +110,6 @@ class Scheduler:
             running = self._running
         if job is not None:
             self._replies.ended(job.request, "cancelled")
-            self.on_change()
             return True
         if running is not None and running[0].id == request_id:
             running[1].cancel("cancelled")
@@ -150,7 +147,6 @@ class Scheduler:
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
-            self.on_change()
             try:
                 self._run(job)
             except EdgedError as exc:

@@ -67,3 +67,20 @@ def test_config_check_command(tmp_path: Path) -> None:
         [sys.executable, "-m", "edged", "config", "check", str(bad_path)], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 1 and "unknown key colour" in bad.stderr
+
+
+def test_example_config_documents_every_key_and_loads() -> None:
+    """deploy/edged.toml is the reference: it must load, and name every key the code knows."""
+    from dataclasses import fields
+
+    from edged.config import BrokerConfig, Config
+
+    path = Path(__file__).parent.parent / "deploy" / "edged.toml"
+    config = load(path, {}, {})
+    assert config.broker.url == "" and config.queue_capacity == 16
+    text = path.read_text()
+    for f in fields(Config):
+        if f.name != "broker":
+            assert re.search(rf"^#? ?{f.name} =", text, re.M), f.name
+    for f in fields(BrokerConfig):
+        assert re.search(rf"^#? ?{f.name} =", text, re.M), f"broker.{f.name}"

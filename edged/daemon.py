@@ -25,6 +25,7 @@ from edged.protocol import Defaults, Envelope, Request, Route, parse, route_of
 from edged.scheduler import RateLimiter, Scheduler
 
 log = logging.getLogger("edged")
+_PRUNE_INTERVAL_S = 600
 
 
 class _Deliveries:
@@ -107,12 +108,15 @@ class Daemon:
             signal.signal(sig, lambda *_: self.stop_event.set())
         try:
             self._start()
-            published_depth = -1
+            published_depth, pruned_at = -1, time.monotonic()
             while not self.stop_event.wait(1.0):
                 depth = self.scheduler.depth if self.scheduler else 0
                 if depth != published_depth:  # queue depth in the retained status, at most once a second
                     self.publish_status()
                     published_depth = depth
+                if time.monotonic() - pruned_at > _PRUNE_INTERVAL_S:
+                    self.journal.prune(self.config.journal_keep, self.config.journal_keep_s)
+                    pruned_at = time.monotonic()
         finally:
             self._shutdown()
         return 0
@@ -135,8 +139,8 @@ class Daemon:
         )
         self.link.subscribe(config.topic("ask"))
         self.link.subscribe(config.topic("cancel"))
-        fleet = f"{config.topic_prefix}/fleet/ask"
-        self.link.subscribe(f"$share/{config.topic_prefix}/{fleet}" if self.link.v5 else fleet)
+        # Mosquitto shares $share/ subscriptions among MQTT 3.1.1 clients too.
+        self.link.subscribe(f"$share/{config.topic_prefix}/{config.topic_prefix}/fleet/ask")
         self._replay()
         self._accepting.set()
         self.link.start()

@@ -43,14 +43,21 @@ def wait_port(port: int, timeout_s: float = 10) -> None:
 class Mosquitto:
     """A broker of the test's own, with its own config, loopback only."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, users: dict[str, str] | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         conf = self.dir / "mosquitto.conf"
+        auth = "allow_anonymous true\n"
+        if users:
+            passwords = self.dir / "passwd"
+            passwords.touch()
+            for user, password in users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwords), user, password], check=True)
+            auth = f"allow_anonymous false\npassword_file {passwords}\n"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            f"listener {self.port} 127.0.0.1\n{auth}set_tcp_nodelay true\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
             f"log_dest file {self.dir}/mosquitto.log\nuser root\n"
         )
@@ -73,11 +80,13 @@ class Mosquitto:
 class Listener:
     """An MQTT v5 (or 3.1.1) client that records every message on its subscriptions."""
 
-    def __init__(self, port: int, *topics: str, v5: bool = True) -> None:
+    def __init__(self, port: int, *topics: str, v5: bool = True, auth: tuple[str, str] | None = None) -> None:
         protocol = paho.MQTTv5 if v5 else paho.MQTTv311
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}", protocol=protocol)
         self.messages: queue.Queue[paho.MQTTMessage] = queue.Queue()
         self.client.on_message = lambda _c, _u, m: self.messages.put(m)
+        if auth:
+            self.client.username_pw_set(*auth)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         for t in topics:
@@ -158,7 +167,9 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "edged.log"
 
-    def start(self, port: int, timeout_s: float = 60, prefix: str = "edged") -> Node:
+    def start(
+        self, port: int, timeout_s: float = 60, prefix: str = "edged", auth: tuple[str, str] | None = None
+    ) -> Node:
         """Starts the daemon and waits for its retained status to say online."""
         started = int(time.time()) - 1  # status "since" has whole seconds
         with self.log.open("ab") as log:
@@ -169,7 +180,7 @@ class Node:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         wait_port(port, timeout_s)  # the node may be starting its own broker
-        watcher = Listener(port, f"{prefix}/{self.node_id}/status")
+        watcher = Listener(port, f"{prefix}/{self.node_id}/status", auth=auth)
         try:
             deadline = time.monotonic() + timeout_s
             while True:

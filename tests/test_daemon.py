@@ -366,3 +366,32 @@ def test_serve_without_a_broker_runs_a_private_mosquitto(smollm2_dirs: dict[str,
     assert not (tmp_path / "broker" / "mosquitto.conf").read_text().count("0.0.0.0")
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the private broker must stop with the daemon"
+
+
+def test_v311_node_with_a_password_serves_its_topic_and_the_fleet(
+    smollm2_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """protocol = "v3.1.1" and username/password: the node logs in, answers, and still shares fleet work."""
+    own = Mosquitto(tmp_path / "broker", users={"node": "n0de-pw", "kiosk": "k10sk-pw"}).start()
+    (tmp_path / "pw").write_text("n0de-pw\n")
+    legacy = Node(
+        tmp_path / "node",
+        f"mqtt://node@127.0.0.1:{own.port}",
+        "legacy",
+        smollm2_dirs["int4"].parent,
+        model=SMOLLM2,
+        broker_protocol="v3.1.1",
+        broker_password_file=str(tmp_path / "pw"),
+    )
+    legacy.start(own.port, auth=("kiosk", "k10sk-pw"))
+    lst = Listener(own.port, "kiosk/answers", v5=False, auth=("kiosk", "k10sk-pw"))
+    try:
+        for topic, rid in (("edged/legacy/ask", "l-1"), ("edged/fleet/ask", "l-2")):
+            body = {"id": rid, "prompt": "Say hi", "max_tokens": 3, "reply_to": "kiosk/answers"}
+            lst.publish(topic, json.dumps(body))
+            reply = lst.json()
+            assert reply["id"] == rid and reply["status"] == "ok" and reply["node"] == "legacy"
+    finally:
+        lst.close()
+        legacy.stop()
+        own.stop()

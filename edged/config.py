@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edged.governor import Thresholds
 from edged.store import checkout_dir, default_models_dir
 
 DEFAULT_CONFIG = Path("/etc/edged/edged.toml")
@@ -79,7 +80,17 @@ class Config:
     journal_keep: int = 10_000  # finished entries kept at most
     journal_keep_s: int = 7 * 86400  # and for at most this long
     stop_grace_s: float = 10.0  # on SIGTERM the running answer may finish within this, else it is cancelled
+    sysfs_root: str = "/"  # where /sys and /proc are read from
+    sensor_interval_s: float = 2.0
+    telemetry_interval_s: float = 30.0
+    board: str = ""  # pi4, pi5 or generic: the power model when no sensor measures power; empty: detect
+    idle_w: float = 0.0  # override the board's idle watts (0: the board's)
+    busy_w: float = 0.0  # override the board's all-cores-busy watts (0: the board's)
+    homeassistant: bool = True  # publish Home Assistant MQTT discovery
+    homeassistant_prefix: str = "homeassistant"
+    metrics_port: int = 0  # Prometheus metrics on 127.0.0.1:<port>; 0: off
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    governor: Thresholds = field(default_factory=Thresholds)
 
     def resolved_models_dir(self) -> Path:
         return Path(self.models_dir) if self.models_dir else default_models_dir()
@@ -107,6 +118,7 @@ def _check_types(section: str, cls: type, values: dict[str, Any]) -> dict[str, A
         expected = known[key].type
         ok = {
             "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, int | float) and not isinstance(value, bool),
         }.get(str(expected), True)
@@ -127,6 +139,15 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{key} must be at least 1")
     if config.max_tokens > config.max_tokens_cap:
         raise ConfigError(f"max_tokens ({config.max_tokens}) is above max_tokens_cap ({config.max_tokens_cap})")
+    g = config.governor
+    if not g.warm_c < g.hot_c < g.critical_c:
+        raise ConfigError("governor thresholds must rise: warm_c < hot_c < critical_c")
+    if g.low_power_action not in ("limit", "refuse"):
+        raise ConfigError("governor.low_power_action must be 'limit' or 'refuse'")
+    if config.board not in ("", "pi4", "pi5", "generic"):
+        raise ConfigError(f"board must be pi4, pi5 or generic (or empty to detect), got {config.board!r}")
+    if config.sensor_interval_s <= 0 or config.telemetry_interval_s <= 0:
+        raise ConfigError("sensor_interval_s and telemetry_interval_s must be positive")
     if config.broker.protocol not in ("v5", "v3.1.1"):
         raise ConfigError(f"broker.protocol must be 'v5' or 'v3.1.1', got {config.broker.protocol!r}")
     if config.broker.url:
@@ -148,11 +169,12 @@ def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> C
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    broker_data = data.pop("broker", {})
-    if not isinstance(broker_data, dict):
-        raise ConfigError("[broker] must be a table")
+    broker_data, governor_data = data.pop("broker", {}), data.pop("governor", {})
+    if not isinstance(broker_data, dict) or not isinstance(governor_data, dict):
+        raise ConfigError("[broker] and [governor] must be tables")
     top = _check_types("the configuration", Config, data)
     broker = _check_types("[broker]", BrokerConfig, broker_data)
+    governor = _check_types("[governor]", Thresholds, governor_data)
 
     env_map = {
         "EDGED_NODE": (top, "node_id"),
@@ -173,7 +195,7 @@ def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> C
         else:
             top[key] = value
 
-    config = Config(**top, broker=BrokerConfig(**broker))
+    config = Config(**top, broker=BrokerConfig(**broker), governor=Thresholds(**governor))
     return validate(replace(config, broker=replace(config.broker, password=_password(config.broker, env))))
 
 

@@ -17,12 +17,18 @@ import edged
 from edged import protocol
 from edged.broker import LocalBroker
 from edged.config import Config
-from edged.errors import EdgedError, InvalidRequest, ModelUnavailable, RateLimited
+from edged.energy import BOARDS, EnergyMeter, PowerModel, detect_board
+from edged.errors import EdgedError, InvalidRequest, ModelUnavailable, Power, RateLimited, Thermal
+from edged.governor import decide, limits
+from edged.homeassistant import discovery
 from edged.journal import Journal
 from edged.llm import Engine, Generation, GenerationRequest, Message
+from edged.metrics import MetricsServer
 from edged.mqtt import Inbound, Link
 from edged.protocol import Defaults, Envelope, Request, Route, parse, route_of
 from edged.scheduler import RateLimiter, Scheduler
+from edged.sensors import PowerSnapshot, Sensors
+from edged.systemd import notify
 
 log = logging.getLogger("edged")
 _PRUNE_INTERVAL_S = 600
@@ -94,6 +100,17 @@ class Daemon:
             max_payload_bytes=config.max_payload_bytes,
         )
         self.limiter = RateLimiter(config.rate_limit_per_min, config.rate_limit_burst)
+        root = Path(config.sysfs_root)
+        self.sensors = Sensors(root)
+        board = BOARDS[config.board or detect_board(root)]
+        self.meter = EnergyMeter(PowerModel(config.idle_w or board.idle_w, config.busy_w or board.busy_w))
+        self.governor = "normal"
+        self.limits = limits("normal", config.governor)
+        self.snapshot: PowerSnapshot | None = None
+        self.tokens_per_s = 0.0
+        self.telemetry_payload: bytes | None = None
+        self.fleet_topic = f"$share/{config.topic_prefix}/{config.topic_prefix}/fleet/ask"
+        self.metrics: MetricsServer | None = None
         self.journal = Journal(config.resolved_state_dir() / "journal.sqlite")
         self.deliveries = _Deliveries(self.journal)
         broker_config = config.broker
@@ -108,18 +125,108 @@ class Daemon:
             signal.signal(sig, lambda *_: self.stop_event.set())
         try:
             self._start()
-            published_depth, pruned_at = -1, time.monotonic()
-            while not self.stop_event.wait(1.0):
-                depth = self.scheduler.depth if self.scheduler else 0
-                if depth != published_depth:  # queue depth in the retained status, at most once a second
-                    self.publish_status()
-                    published_depth = depth
-                if time.monotonic() - pruned_at > _PRUNE_INTERVAL_S:
-                    self.journal.prune(self.config.journal_keep, self.config.journal_keep_s)
-                    pruned_at = time.monotonic()
+            self._watch()
         finally:
             self._shutdown()
         return 0
+
+    def _watch(self) -> None:
+        """The main thread's loop: sensors and governor, telemetry, status, fleet membership, pruning."""
+        config = self.config
+        tick = min(1.0, config.sensor_interval_s)
+        now = time.monotonic()
+        next_sense, next_telemetry, next_prune = now, now, now + _PRUNE_INTERVAL_S
+        published_depth = -1
+        while not self.stop_event.wait(tick):
+            now = time.monotonic()
+            if now >= next_sense:
+                self._sense()
+                next_sense = now + config.sensor_interval_s
+            if now >= next_telemetry:
+                self.publish_telemetry()
+                next_telemetry = now + config.telemetry_interval_s
+            depth = self.scheduler.depth if self.scheduler else 0
+            if depth != published_depth:  # queue depth in the retained status, at most once a tick
+                self.publish_status()
+                published_depth = depth
+            self._fleet_membership(depth)
+            if now >= next_prune:
+                self.journal.prune(config.journal_keep, config.journal_keep_s)
+                next_prune = now + _PRUNE_INTERVAL_S
+
+    def _sense(self) -> None:
+        snap = self.sensors.read()
+        self.meter.sample(snap, self.sensors)
+        self.snapshot = snap
+        state = decide(snap, self.config.governor, self.governor)
+        if state == self.governor:
+            return
+        log.warning(
+            "governor: %s -> %s (cpu %s C, under-voltage %s, battery %s)",
+            self.governor,
+            state,
+            snap.cpu_temp_c,
+            snap.under_voltage,
+            snap.battery.percent if snap.battery else None,
+        )
+        self.governor, self.limits = state, limits(state, self.config.governor)
+        if self.scheduler is not None:
+            self.scheduler.apply(self.limits, "power" if state == "low_power" else "thermal")
+        self._update_state()
+        self.publish_status()
+        self.publish_telemetry()
+
+    def _update_state(self) -> None:
+        if self.engine is None:
+            return  # degraded with the model's reason
+        if self.governor in ("hot", "critical", "low_power"):
+            temp = self.snapshot.cpu_temp_c if self.snapshot else None
+            detail = f" at {temp:.1f} C" if temp is not None and self.governor != "low_power" else ""
+            self.state, self.reason = "degraded", f"governor {self.governor}{detail}"
+        else:
+            self.state, self.reason = "online", None
+
+    def _fleet_membership(self, depth: int) -> None:
+        """Leaves the fleet's shared subscription while hot, low on power or full; rejoins when healthy."""
+        if self.link is None:
+            return
+        want = self.engine is not None and self.limits.in_fleet and depth < self.config.queue_capacity
+        if want and self.fleet_topic not in self.link.subscriptions:
+            log.info("rejoining the fleet")
+            self.link.subscribe(self.fleet_topic)
+        elif not want and self.fleet_topic in self.link.subscriptions:
+            log.info("leaving the fleet (governor %s, queue %d)", self.governor, depth)
+            self.link.unsubscribe(self.fleet_topic)
+
+    def publish_telemetry(self) -> None:
+        snap = self.snapshot
+        if snap is None:
+            return
+        self.telemetry_payload = protocol.telemetry(
+            snap,
+            governor=self.governor,
+            queue=self.scheduler.depth if self.scheduler else 0,
+            tokens_per_s=self.tokens_per_s,
+            energy_j_total=self.meter.read(),
+            power_w=snap.power_w,
+            power_source=self.meter.source,
+        )
+        if self.link is not None and self.link.connected.is_set():
+            self.link.publish(self.config.topic("telemetry"), self.telemetry_payload, 0, retain=True)
+
+    def _announce(self) -> None:
+        """Home Assistant discovery (retained), at every connect and when Home Assistant comes online."""
+        if not self.config.homeassistant or self.link is None:
+            return
+        for topic, payload in discovery(
+            self.config.homeassistant_prefix, self.config.node_id, self.config.topic_prefix, self.config.model
+        ):
+            self.link.publish(topic, payload, 1, retain=True)
+
+    def _connected(self) -> None:
+        self.publish_status()
+        self.publish_telemetry()
+        self._announce()
 
     def _start(self) -> None:
         config = self.config
@@ -135,18 +242,28 @@ class Daemon:
             client_id=broker_config.client_id or f"edged-{config.node_id}",
             will=(config.topic("status"), self._status_payload("offline", "connection lost")),
             on_message=self._on_message,
-            on_connect=self.publish_status,
+            on_connect=self._connected,
         )
         self.link.subscribe(config.topic("ask"))
         self.link.subscribe(config.topic("cancel"))
+        if config.homeassistant:
+            self.link.subscribe(f"{config.homeassistant_prefix}/status")
+        self._sense()  # the governor's first state before any work is taken
         # Mosquitto shares $share/ subscriptions among MQTT 3.1.1 clients too.
-        self.link.subscribe(f"$share/{config.topic_prefix}/{config.topic_prefix}/fleet/ask")
+        self._fleet_membership(0)
+        if config.metrics_port:
+            self.metrics = MetricsServer(
+                config.metrics_port, lambda: self.telemetry_payload, lambda: dict(self.counters)
+            )
+            self.metrics.start()
+        log.info("sensors: %s", {k: v for k, v in self.sensors.found().items() if v})
         self._replay()
         self._accepting.set()
         self.link.start()
         if self.scheduler is not None:
             self.scheduler.start()
         self.journal.prune(config.journal_keep, config.journal_keep_s)
+        notify("READY=1", f"STATUS={self._status_line()}")
 
     def _load_engine(self) -> None:
         model_dir = self.config.resolved_models_dir() / self.config.model
@@ -158,12 +275,20 @@ class Daemon:
             self.state, self.reason = "degraded", exc.message
             return
         self.engine = engine
-        self.scheduler = Scheduler(engine, self.config.queue_capacity, _Replies(self))
+        self.scheduler = Scheduler(
+            engine,
+            self.config.queue_capacity,
+            _Replies(self),
+            threads=engine.session.threads,
+            limits=lambda: self.limits,
+            energy_j=self.meter.read,
+        )
         self.state, self.reason = "online", None
         log.info("model %s loaded (%d threads)", engine.name, engine.session.threads)
 
     def _shutdown(self) -> None:
         self.state, self.reason = "stopping", None
+        notify("STOPPING=1")
         self._accepting.clear()  # new messages stay unacknowledged: the broker redelivers them later
         if self.scheduler is not None:
             self.scheduler.stop(self.config.stop_grace_s)
@@ -172,6 +297,8 @@ class Daemon:
             self.link.stop(last_words=(self.config.topic("status"), self._status_payload("offline", "stopped")))
         if self.broker is not None:
             self.broker.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.journal.close()
 
     # -- status ------------------------------------------------------------------------------------
@@ -183,12 +310,19 @@ class Daemon:
             model=self.config.model,
             queue=self.scheduler.depth if self.scheduler else 0,
             capacity=self.config.queue_capacity,
-            governor="normal",
+            governor=self.governor,
             since=self.started,
             version=edged.__version__,
         )
 
+    def _status_line(self) -> str:
+        temp = self.snapshot.cpu_temp_c if self.snapshot else None
+        depth = self.scheduler.depth if self.scheduler else 0
+        line = f"{self.state}; governor {self.governor}; queue {depth}/{self.config.queue_capacity}"
+        return line + (f"; {temp:.1f} C" if temp is not None else "")
+
     def publish_status(self) -> None:
+        notify(f"STATUS={self._status_line()}")
         if self.link is not None and self.link.connected.is_set():
             self.link.publish(
                 self.config.topic("status"), self._status_payload(self.state, self.reason), 1, retain=True
@@ -202,6 +336,9 @@ class Daemon:
         assert self.link is not None
         if msg.topic == self.config.topic("cancel"):
             self._on_cancel(msg.envelope)
+        elif msg.topic == f"{self.config.homeassistant_prefix}/status":
+            if msg.envelope.payload == b"online":
+                self._announce()
         else:
             self._admit(msg.envelope)
         self.link.ack(msg.mid, msg.envelope.qos)
@@ -226,6 +363,13 @@ class Daemon:
                 raise RateLimited(f"client {client!r} is sending too fast; wait {retry} s", retry_after_s=retry)
             if self.engine is None or self.scheduler is None:
                 raise ModelUnavailable(f"no model is loaded on this node: {self.reason}", retry_after_s=60)
+            if not self.limits.admit:
+                retry = self.config.governor.retry_after_s
+                if self.limits.error_code == "power":
+                    raise Power(f"this node is low on power ({self.governor}); try again later", retry_after_s=retry)
+                raise Thermal(
+                    f"this node is too hot to take work ({self.reason}); try again later", retry_after_s=retry
+                )
             prompt_ids = self.engine.prompt_ids(request.generation)
         except EdgedError as exc:
             self._reject(request_id, route, exc)
@@ -310,13 +454,15 @@ class _Replies:
             correlation=request.route.correlation,
         )
 
-    def result(self, request: Request, generation: Generation) -> None:
+    def result(self, request: Request, generation: Generation, energy_j: float | None) -> None:
         assert generation.result is not None
         d = self._d
-        d._finish(
-            request,
-            protocol.final(request.id, generation.result, model=d.config.model, node=d.config.node_id, energy_j=None),
+        if generation.result.timings.tokens_per_s:
+            d.tokens_per_s = generation.result.timings.tokens_per_s
+        final = protocol.final(
+            request.id, generation.result, model=d.config.model, node=d.config.node_id, energy_j=energy_j
         )
+        d._finish(request, final)
 
     def ended(self, request: Request, finish_reason: str) -> None:
         self._d._finish(request, self._d._ended_payload(request, finish_reason))

@@ -56,8 +56,16 @@ class Journal:
 
     def record(self, request_id: str, env: Envelope, dedupe_window_s: float) -> bool:
         """Records a new request durably; False when the id was seen within the window (a duplicate delivery)."""
-        row = (request_id, env.payload, env.qos, env.client, env.response_topic, env.correlation, env.content_type,
-               env.received_at)  # fmt: skip
+        row = (
+            request_id,
+            env.payload,
+            env.qos,
+            env.client,
+            env.response_topic,
+            env.correlation,
+            env.content_type,
+            env.received_at,
+        )
         with self._lock:
             self._db.execute("PRAGMA synchronous=FULL")
             try:

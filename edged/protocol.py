@@ -12,6 +12,7 @@ from typing import Any
 
 from edged.errors import EdgedError, InvalidRequest, TooLong
 from edged.llm import GenerationRequest, GenerationResult, Message, SamplingParams
+from edged.sensors import PowerSnapshot
 
 CONTRACT_VERSION = 1
 PRIORITIES = ("alert", "normal", "background")
@@ -336,3 +337,45 @@ def iso8601(ts: float) -> str:
 
 def _dump(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def telemetry(
+    snap: PowerSnapshot,
+    *,
+    governor: str,
+    queue: int,
+    tokens_per_s: float,
+    energy_j_total: float,
+    power_w: float | None,
+    power_source: str,
+) -> bytes:
+    """The retained telemetry message; a reading the board does not have is null."""
+    battery = None
+    if snap.battery is not None:
+        battery = {"percent": snap.battery.percent, "status": snap.battery.status}
+    return _dump(
+        {
+            "ts": iso8601(snap.ts),
+            "cpu_temp_c": _round(snap.cpu_temp_c, 1),
+            "cpu_freq_mhz": _round(snap.cpu_freq_mhz, 0),
+            "throttled": {
+                "now": snap.throttled_now.as_dict() if snap.throttled_now else None,
+                "since_boot": snap.throttled_since_boot.as_dict() if snap.throttled_since_boot else None,
+            },
+            "power_w": _round(power_w, 3),
+            "power_source": power_source,
+            "voltage_v": _round(snap.voltage_v, 3),
+            "current_a": _round(snap.current_a, 3),
+            "battery": battery,
+            "governor": governor,
+            "queue": queue,
+            "tokens_per_s": tokens_per_s,
+            "energy_j_total": round(energy_j_total, 1),
+            "mem_available_mb": snap.mem_available_mb,
+            "load1": snap.load1,
+        }
+    )
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

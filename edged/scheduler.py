@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from edged.errors import Busy, EdgedError, Internal
+from edged.governor import Limits
 from edged.llm import Engine, Generation
 from edged.protocol import Request
 
@@ -23,7 +24,7 @@ class Replies(Protocol):
 
     def chunk(self, request: Request, seq: int, delta: str) -> None: ...
 
-    def result(self, request: Request, generation: Generation) -> None: ...
+    def result(self, request: Request, generation: Generation, energy_j: float | None) -> None: ...
 
     def ended(self, request: Request, finish_reason: str) -> None:
         """A request that ended without compute: ``deadline`` or ``cancelled`` while queued."""
@@ -67,8 +68,20 @@ class _Job:
 class Scheduler:
     """Queued requests ordered alert > normal > background, FIFO within a level; one worker owns the engine."""
 
-    def __init__(self, engine: Engine, capacity: int, replies: Replies) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        capacity: int,
+        replies: Replies,
+        *,
+        threads: int,
+        limits: Callable[[], Limits],
+        energy_j: Callable[[], float] | None = None,
+    ) -> None:
         self._engine = engine
+        self._threads = threads  # configured; the governor may lower it
+        self._limits = limits
+        self._energy_j = energy_j
         self.capacity = capacity
         self._replies = replies
         self._heap: list[_Job] = []
@@ -116,11 +129,15 @@ class Scheduler:
             return True
         return False
 
-    def stop_running(self, reason: str) -> None:
+    def apply(self, limits: Limits, reason: str) -> None:
+        """A governor change: pace or stop the running answer, wake the worker if queued work may run."""
         with self._cond:
             running = self._running
+            self._cond.notify_all()
         if running is not None:
-            running[1].cancel(reason)
+            running[1].pause_s = limits.pause_ms / 1000
+            if limits.stop_running:
+                running[1].cancel(reason)
 
     def stop(self, timeout_s: float) -> None:
         """Stops taking work; the running answer may finish within ``timeout_s``, queued ones stay journaled."""
@@ -128,22 +145,34 @@ class Scheduler:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            self.stop_running("cancelled")
+        with self._cond:
+            running = self._running
+        if running is not None:
+            running[1].cancel("cancelled")
             self._thread.join(5)
 
     def _next(self) -> _Job | None:
-        with self._cond:
-            while not self._stopping:
+        while True:
+            expired: list[_Job] = []
+            with self._cond:
+                if self._stopping:
+                    return None
                 while self._heap and self._heap[0].request.id not in self._queued:
                     heapq.heappop(self._heap)  # cancelled while queued
-                if self._heap:
+                if self._heap and self._limits().run_queued:
                     job = heapq.heappop(self._heap)
                     del self._queued[job.request.id]
                     return job
+                if self._heap:  # held back by the governor: queued work waits, or expires by its deadline
+                    now = time.time()
+                    expired = [j for j in self._queued.values() if j.request.deadline_at <= now]
+                    for j in expired:
+                        del self._queued[j.request.id]
                 self.heartbeat = time.monotonic()
-                self._cond.wait(1.0)
-            return None
+                if not expired:
+                    self._cond.wait(0.5 if self._heap else 1.0)
+            for j in expired:
+                self._replies.ended(j.request, "deadline")
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
@@ -165,18 +194,29 @@ class Scheduler:
         if now_wall >= request.deadline_at:  # expired while queued: no compute at all
             self._replies.ended(request, "deadline")
             return
+        limits = self._limits()
+        self._engine.set_threads(max(1, self._threads + limits.threads_delta))
+        max_tokens = request.generation.max_tokens
+        if limits.max_tokens_cap is not None:
+            max_tokens = min(max_tokens, limits.max_tokens_cap)
         generation = self._engine.generate(
             replace(
                 request.generation,
+                max_tokens=max_tokens,
                 arrived_s=now - (now_wall - request.received_at),
                 deadline_s=now + (request.deadline_at - now_wall),
             ),
             job.prompt_ids,
         )
+        generation.pause_s = limits.pause_ms / 1000
         with self._cond:
             self._running = (request, generation)
+        energy_start = self._energy_j() if self._energy_j else None
         for seq, delta in enumerate(generation):
             self.heartbeat = time.monotonic()
             if request.stream:
                 self._replies.chunk(request, seq, delta)
-        self._replies.result(request, generation)
+        energy = None
+        if self._energy_j is not None and energy_start is not None:
+            energy = round(self._energy_j() - energy_start, 3)
+        self._replies.result(request, generation, energy)

@@ -74,13 +74,14 @@ def test_example_config_documents_every_key_and_loads() -> None:
     from dataclasses import fields
 
     from edged.config import BrokerConfig, Config
+    from edged.governor import Thresholds
 
     path = Path(__file__).parent.parent / "deploy" / "edged.toml"
     config = load(path, {}, {})
     assert config.broker.url == "" and config.queue_capacity == 16
     text = path.read_text()
-    for f in fields(Config):
-        if f.name != "broker":
+    for f in fields(Config) + fields(Thresholds):
+        if f.name not in ("broker", "governor"):
             assert re.search(rf"^#? ?{f.name} =", text, re.M), f.name
     for f in fields(BrokerConfig):
         assert re.search(rf"^#? ?{f.name} =", text, re.M), f"broker.{f.name}"

@@ -103,6 +103,7 @@ class Generation(Iterator[str]):
         self._cancelled = threading.Event()
         self.result: GenerationResult | None = None
         self.token_ids: list[int] = []  # grows as tokens are chosen
+        self.pause_s = 0.0  # duty cycling: a pause before each decode step, may change while running
         self._steps = engine._run(self, request, prompt_ids)
 
     def __next__(self) -> str:
@@ -128,11 +129,18 @@ class Engine:
         self.model_dir = model_dir
         self.name = model_dir.name
         self.tokenizer = ChatTokenizer(model_dir)
+        self._model_file = model_file
         self.session = DecoderSession(model_file, threads)
         config = json.loads((model_dir / "config.json").read_text())
         model_ctx = int(config.get("max_position_embeddings", DEFAULT_CONTEXT_TOKENS))
         self.context_tokens = min(model_ctx, context_tokens or DEFAULT_CONTEXT_TOKENS)
         self.end_ids = self._end_of_turn_ids(model_dir, config)
+
+    def set_threads(self, threads: int) -> None:
+        """Reloads the session with another thread count (onnxruntime fixes it per session); between requests."""
+        if threads != self.session.threads:
+            del self.session  # free the old session's memory before the new one allocates
+            self.session = DecoderSession(self._model_file, threads)
 
     def _end_of_turn_ids(self, model_dir: Path, config: dict[str, object]) -> frozenset[int]:
         ids: set[int] = set()
@@ -227,6 +235,8 @@ class Engine:
                 break
             if len(answer) >= max_tokens:
                 break
+            if gen.pause_s > 0:
+                time.sleep(gen.pause_s)
             logits = self.session.forward([token], cache)[-1]
 
         tail = stops.flush()

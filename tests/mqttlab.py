@@ -154,21 +154,28 @@ class Node:
         self.node_id = node_id
         self.broker_url = broker_url
         lines = [f'node_id = "{node_id}"', f'state_dir = "{workdir}"', f'models_dir = "{models_dir}"']
-        broker: dict[str, Any] = {"url": broker_url} if broker_url else {}
+        tables: dict[str, dict[str, Any]] = {"broker": {"url": broker_url} if broker_url else {}, "governor": {}}
         for key, value in settings.items():
-            if key.startswith("broker_"):
-                broker[key[7:]] = value
+            table, _, name = key.partition("_")
+            if table in tables:
+                tables[table][name] = value
             else:
                 lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("[broker]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in broker.items()]
+        for table, values in tables.items():
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         self.config = workdir / "edged.toml"
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "edged.log"
 
     def start(
-        self, port: int, timeout_s: float = 60, prefix: str = "edged", auth: tuple[str, str] | None = None
+        self,
+        port: int,
+        timeout_s: float = 60,
+        prefix: str = "edged",
+        auth: tuple[str, str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Node:
         """Starts the daemon and waits for its retained status to say online."""
         started = int(time.time()) - 1  # status "since" has whole seconds
@@ -177,7 +184,7 @@ class Node:
                 [sys.executable, "-m", "edged", "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         wait_port(port, timeout_s)  # the node may be starting its own broker
         watcher = Listener(port, f"{prefix}/{self.node_id}/status", auth=auth)

@@ -97,7 +97,7 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     from edged.daemon import serve
 
-    return serve(_config(args))
+    return serve(_config(args), reload_config=lambda: _config(args))
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from edged.mqtt import Inbound, Link
 from edged.protocol import Defaults, Envelope, Request, Route, parse, route_of
 from edged.scheduler import RateLimiter, Scheduler
 from edged.sensors import PowerSnapshot, Sensors
-from edged.systemd import notify
+from edged.systemd import notify, setup_logging
 
 log = logging.getLogger("edged")
 _PRUNE_INTERVAL_S = 600
@@ -80,9 +83,17 @@ class _Deliveries:
 class Daemon:
     """The running node: MQTT link, journal, scheduler and engine, with one stop path."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reload_config: Callable[[], Config] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
+        self._reload_config = reload_config
+        self._env = dict(os.environ if env is None else env)
         self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.state = "starting"
@@ -91,14 +102,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.broker: LocalBroker | None = None
         self._accepting = threading.Event()
-        self.defaults = Defaults(
-            answer_prefix=config.topic("answer"),
-            system_prompt=config.system_prompt,
-            max_tokens=config.max_tokens,
-            max_tokens_cap=config.max_tokens_cap,
-            deadline_ms=config.deadline_ms,
-            max_payload_bytes=config.max_payload_bytes,
-        )
+        self.defaults = _defaults(config)
         self.limiter = RateLimiter(config.rate_limit_per_min, config.rate_limit_burst)
         root = Path(config.sysfs_root)
         self.sensors = Sensors(root)
@@ -123,6 +127,7 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
         try:
             self._start()
             self._watch()
@@ -133,12 +138,22 @@ class Daemon:
     def _watch(self) -> None:
         """The main thread's loop: sensors and governor, telemetry, status, fleet membership, pruning."""
         config = self.config
-        tick = min(1.0, config.sensor_interval_s)
+        watchdog_s = self._watchdog_s()
+        tick = min(1.0, config.sensor_interval_s, watchdog_s / 4 if watchdog_s else 1.0)
         now = time.monotonic()
-        next_sense, next_telemetry, next_prune = now, now, now + _PRUNE_INTERVAL_S
+        next_sense, next_telemetry, next_prune, next_watchdog = now, now, now + _PRUNE_INTERVAL_S, now
         published_depth = -1
         while not self.stop_event.wait(tick):
             now = time.monotonic()
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self._reload()
+                config = self.config
+            if watchdog_s and now >= next_watchdog:
+                # Only while the worker's heartbeat moves: a hung worker gets the service restarted.
+                if self.scheduler is None or now - self.scheduler.heartbeat < watchdog_s:
+                    notify("WATCHDOG=1")
+                next_watchdog = now + watchdog_s / 2
             if now >= next_sense:
                 self._sense()
                 next_sense = now + config.sensor_interval_s
@@ -153,6 +168,47 @@ class Daemon:
             if now >= next_prune:
                 self.journal.prune(config.journal_keep, config.journal_keep_s)
                 next_prune = now + _PRUNE_INTERVAL_S
+
+    def _watchdog_s(self) -> float | None:
+        """systemd's watchdog interval when it asks this process for keep-alives."""
+        usec, pid = self._env.get("WATCHDOG_USEC"), self._env.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 1e6
+
+    def _reload(self) -> None:
+        """SIGHUP: read the configuration again; a changed model is loaded beside the old one, then swapped."""
+        if self._reload_config is None:
+            return
+        notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        old = self.config
+        try:
+            new = self._reload_config()
+            fixed = ("node_id", "topic_prefix", "state_dir", "sysfs_root", "metrics_port", "broker")
+            ignored = [key for key in fixed if getattr(new, key) != getattr(old, key)]
+            if ignored:
+                log.warning("reload: %s change only with a restart; keeping the running values", ", ".join(ignored))
+                new = replace(new, **{key: getattr(old, key) for key in ignored})
+            model_dir = new.resolved_models_dir() / new.model
+            if self.engine is None or model_dir.resolve() != self.engine.model_dir.resolve():
+                engine = self._new_engine(new)
+                if self.scheduler is None:
+                    self._attach(engine, new, start=True)
+                else:
+                    self.scheduler.swap_engine(engine, engine.session.threads)
+                self.engine = engine
+                log.info("reload: model %s loaded and swapped in", new.model)
+            self.config = new
+            self.defaults = _defaults(new)
+            self.limiter = RateLimiter(new.rate_limit_per_min, new.rate_limit_burst)
+            self.limits = limits(self.governor, new.governor)
+            if self.scheduler is not None:
+                self.scheduler.capacity = new.queue_capacity
+            self._update_state()
+        except (EdgedError, ValueError, OSError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        self.publish_status()
+        notify("READY=1", f"STATUS={self._status_line()}")
 
     def _sense(self) -> None:
         snap = self.sensors.read()
@@ -233,8 +289,6 @@ class Daemon:
         broker_config = config.broker
         if self.broker is not None:
             self.broker.start()
-            from dataclasses import replace
-
             broker_config = replace(broker_config, url=self.broker.url)
         self._load_engine()
         self.link = Link(
@@ -266,23 +320,35 @@ class Daemon:
         notify("READY=1", f"STATUS={self._status_line()}")
 
     def _load_engine(self) -> None:
-        model_dir = self.config.resolved_models_dir() / self.config.model
         try:
-            engine = Engine(model_dir, threads=self.config.threads or None, context_tokens=self.config.context_tokens)
-            engine.complete(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=1))  # warm-up
+            engine = self._new_engine(self.config)
         except ModelUnavailable as exc:
             log.error("model unavailable: %s", exc.message)
             self.state, self.reason = "degraded", exc.message
             return
+        self._attach(engine, self.config)
+
+    @staticmethod
+    def _new_engine(config: Config) -> Engine:
+        """Loads the configured model and runs one warm-up generation (READY=1 comes only after it)."""
+        model_dir = config.resolved_models_dir() / config.model
+        engine = Engine(model_dir, threads=config.threads or None, context_tokens=config.context_tokens)
+        engine.complete(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=1))
+        return engine
+
+    def _attach(self, engine: Engine, config: Config, *, start: bool = False) -> None:
         self.engine = engine
         self.scheduler = Scheduler(
             engine,
-            self.config.queue_capacity,
+            config.queue_capacity,
             _Replies(self),
             threads=engine.session.threads,
             limits=lambda: self.limits,
             energy_j=self.meter.read,
+            fault=self._env.get("EDGED_FAULT"),
         )
+        if start:
+            self.scheduler.start()
         self.state, self.reason = "online", None
         log.info("model %s loaded (%d threads)", engine.name, engine.session.threads)
 
@@ -388,7 +454,13 @@ class Daemon:
         self.counters[f"error.{exc.code}"] += 1
         if isinstance(exc, InvalidRequest):
             self.counters["invalid"] += 1
-        log.info("request %s refused: %s: %s", request_id, exc.code, exc.message, extra={"request_id": request_id})
+        log.info(
+            "request %s refused: %s: %s",
+            request_id,
+            exc.code,
+            exc.message,
+            extra={"request_id": request_id, "code": exc.code},
+        )
         assert self.link is not None
         self.link.publish(
             route.topic,
@@ -434,6 +506,17 @@ class Daemon:
         )
 
 
+def _defaults(config: Config) -> Defaults:
+    return Defaults(
+        answer_prefix=config.topic("answer"),
+        system_prompt=config.system_prompt,
+        max_tokens=config.max_tokens,
+        max_tokens_cap=config.max_tokens_cap,
+        deadline_ms=config.deadline_ms,
+        max_payload_bytes=config.max_payload_bytes,
+    )
+
+
 def _replayed(request_id: str, route: Route) -> Request:
     """A stand-in request carrying only the id and route, for replying to an unparseable journal entry."""
     return Request(request_id, route, GenerationRequest(messages=()), False, "normal", "", 0.0, 0.0)
@@ -454,13 +537,23 @@ class _Replies:
             correlation=request.route.correlation,
         )
 
-    def result(self, request: Request, generation: Generation, energy_j: float | None) -> None:
+    def result(self, request: Request, generation: Generation, energy_j: float | None, model: str) -> None:
         assert generation.result is not None
         d = self._d
-        if generation.result.timings.tokens_per_s:
-            d.tokens_per_s = generation.result.timings.tokens_per_s
+        r = generation.result
+        if r.timings.tokens_per_s:
+            d.tokens_per_s = r.timings.tokens_per_s
+        log.info(
+            "answered %s: %s, %d tokens, %.0f ms, %s J",
+            request.id,
+            r.finish_reason,
+            r.usage.completion_tokens,
+            r.timings.total_ms,
+            energy_j,
+            extra={"request_id": request.id},
+        )
         final = protocol.final(
-            request.id, generation.result, model=d.config.model, node=d.config.node_id, energy_j=energy_j
+            request.id, generation.result, model=model, node=d.config.node_id, energy_j=energy_j
         )
         d._finish(request, final)
 
@@ -472,7 +565,6 @@ class _Replies:
         self._d._finish(request, protocol.error(request.id, exc, node=self._d.config.node_id))
 
 
-def serve(config: Config) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    Path(config.resolved_state_dir()).mkdir(parents=True, exist_ok=True)
-    return Daemon(config).run()
+def serve(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    setup_logging(dict(os.environ), node=config.node_id)
+    return Daemon(config, reload_config).run()

@@ -24,7 +24,7 @@ class Replies(Protocol):
 
     def chunk(self, request: Request, seq: int, delta: str) -> None: ...
 
-    def result(self, request: Request, generation: Generation, energy_j: float | None) -> None: ...
+    def result(self, request: Request, generation: Generation, energy_j: float | None, model: str) -> None: ...
 
     def ended(self, request: Request, finish_reason: str) -> None:
         """A request that ended without compute: ``deadline`` or ``cancelled`` while queued."""
@@ -62,7 +62,7 @@ class _Job:
     rank: int
     seq: int
     request: Request
-    prompt_ids: list[int]
+    prompt_ids: list[int] | None  # None after a model swap: tokenized again by the new model
 
 
 class Scheduler:
@@ -77,11 +77,13 @@ class Scheduler:
         threads: int,
         limits: Callable[[], Limits],
         energy_j: Callable[[], float] | None = None,
+        fault: str | None = None,
     ) -> None:
         self._engine = engine
         self._threads = threads  # configured; the governor may lower it
         self._limits = limits
         self._energy_j = energy_j
+        self._fault = fault  # fault injection for the reliability tests: "freeze-worker"
         self.capacity = capacity
         self._replies = replies
         self._heap: list[_Job] = []
@@ -128,6 +130,13 @@ class Scheduler:
             running[1].cancel("cancelled")
             return True
         return False
+
+    def swap_engine(self, engine: Engine, threads: int) -> None:
+        """Takes effect at the next request; queued requests stay queued and are tokenized again."""
+        with self._cond:
+            self._engine, self._threads = engine, threads
+            for job in self._queued.values():
+                job.prompt_ids = None
 
     def apply(self, limits: Limits, reason: str) -> None:
         """A governor change: pace or stop the running answer, wake the worker if queued work may run."""
@@ -194,12 +203,16 @@ class Scheduler:
         if now_wall >= request.deadline_at:  # expired while queued: no compute at all
             self._replies.ended(request, "deadline")
             return
+        if self._fault == "freeze-worker":
+            threading.Event().wait()  # a hung worker, as the watchdog must notice
+        with self._cond:
+            engine = self._engine
         limits = self._limits()
-        self._engine.set_threads(max(1, self._threads + limits.threads_delta))
+        engine.set_threads(max(1, self._threads + limits.threads_delta))
         max_tokens = request.generation.max_tokens
         if limits.max_tokens_cap is not None:
             max_tokens = min(max_tokens, limits.max_tokens_cap)
-        generation = self._engine.generate(
+        generation = engine.generate(
             replace(
                 request.generation,
                 max_tokens=max_tokens,
@@ -219,4 +232,4 @@ class Scheduler:
         energy = None
         if self._energy_j is not None and energy_start is not None:
             energy = round(self._energy_j() - energy_start, 3)
-        self._replies.result(request, generation, energy)
+        self._replies.result(request, generation, energy, engine.name)

@@ -43,7 +43,9 @@ def wait_port(port: int, timeout_s: float = 10) -> None:
 class Mosquitto:
     """A broker of the test's own, with its own config, loopback only."""
 
-    def __init__(self, workdir: Path, port: int | None = None, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, users: dict[str, str] | None = None, extra_conf: str = ""
+    ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -59,7 +61,7 @@ class Mosquitto:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n{auth}set_tcp_nodelay true\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
-            f"log_dest file {self.dir}/mosquitto.log\nuser root\n"
+            f"log_dest file {self.dir}/mosquitto.log\nuser root\n{extra_conf}"
         )
 
     def start(self) -> Mosquitto:

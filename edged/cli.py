@@ -192,6 +192,41 @@ def _ask_mqtt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_pack(args: argparse.Namespace) -> int:
+    from edged.store import pack, read_manifest
+
+    models_dir = _models_dir(args)
+    key = str(read_manifest(models_dir / args.name).get("build_key", ""))[:12]
+    out = Path(args.output) if args.output else Path(f"{args.name}-{key}.edged.tar")
+    pack(models_dir, args.name, out)
+    print(f"{out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_model_install(args: argparse.Namespace) -> int:
+    from edged.store import install
+
+    name, target = install(_models_dir(args), Path(args.bundle))
+    print(f"{name}: installed {target.name} and switched to it; `edged model rollback {name}` goes back")
+    print("a running daemon picks it up on reload: systemctl reload edged")
+    return 0
+
+
+def cmd_model_rollback(args: argparse.Namespace) -> int:
+    from edged.store import rollback
+
+    target = rollback(_models_dir(args), args.name)
+    print(f"{args.name}: back to {target.name}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edged.doctor import run
+
+    source = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else "defaults (no config file)")
+    return run(_config(args), source, dict(os.environ))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from edged.bench import run
 
@@ -247,6 +282,28 @@ def _parser() -> argparse.ArgumentParser:
     p = csub.add_parser("check", help="validate a configuration file")
     p.add_argument("file")
     p.set_defaults(func=cmd_config_check)
+
+    p = msub.add_parser("pack", help="write a built model as one bundle file, for offline installs")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", help="bundle file (default: NAME-BUILDKEY.edged.tar here)")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_pack)
+    p = msub.add_parser("install", help="verify a bundle, unpack it beside the current model, switch to it")
+    p.add_argument("bundle")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_install)
+    p = msub.add_parser("rollback", help="switch back to the model version installed before the current one")
+    p.add_argument("name")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_rollback)
+
+    p = sub.add_parser("doctor", help="check config, model, broker, sensors, memory and systemd")
+    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present)")
+    p.add_argument("--broker")
+    p.add_argument("--node")
+    p.add_argument("--model")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("ask", help="ask a question (over MQTT, or --local in this process)")
     p.add_argument("question", nargs="?", help="omit for an interactive session (with --local)")

@@ -552,9 +552,7 @@ class _Replies:
             energy_j,
             extra={"request_id": request.id},
         )
-        final = protocol.final(
-            request.id, generation.result, model=model, node=d.config.node_id, energy_j=energy_j
-        )
+        final = protocol.final(request.id, generation.result, model=model, node=d.config.node_id, energy_j=energy_j)
         d._finish(request, final)
 
     def ended(self, request: Request, finish_reason: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,11 @@ def list_models(models_dir: Path) -> tuple[list[Recipe], list[BuiltModel]]:
         except ValueError:
             continue
     built = []
-    for path in sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []:
+    for path in (
+        sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if models_dir.is_dir()
+        else []
+    ):
         try:
             manifest = read_manifest(path)
         except ModelUnavailable:
@@ -172,3 +177,131 @@ def list_models(models_dir: Path) -> tuple[list[Recipe], list[BuiltModel]]:
         size = sum(int(f.get("bytes", 0)) for f in manifest["files"].values())
         built.append(BuiltModel(path.name, path, manifest.get("recipe"), manifest.get("quant"), size))
     return recipes, built
+
+
+# -- offline bundles ------------------------------------------------------------------------------
+# A bundle is one tar archive holding <name>/ with the model files and manifest.json. Installed
+# versions live in <models_dir>/.versions/; <models_dir>/<name> is a symlink switched atomically,
+# and <models_dir>/.versions/<name>.previous remembers the version before it for rollback.
+
+BUNDLE_FILES = (*MODEL_FILES, MANIFEST)
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be installed; nothing was changed."""
+
+
+def pack(models_dir: Path, name: str, out: Path) -> Path:
+    """Writes ``name`` as one archive; refuses a model that fails its own checksums."""
+    import tarfile
+
+    model_dir = models_dir / name
+    problems = verify(model_dir)
+    if problems:
+        raise BundleError(f"{name} fails verification, not packing it: {'; '.join(problems)}")
+    partial = out.with_name(out.name + ".partial")
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+        for file in BUNDLE_FILES:
+            tar.add(model_dir / file, arcname=f"{name}/{file}", recursive=False)
+    partial.replace(out)
+    return out
+
+
+def install(models_dir: Path, bundle: Path) -> tuple[str, Path]:
+    """Verifies and unpacks ``bundle`` beside the current version, then switches to it atomically."""
+    import secrets
+    import shutil
+    import tarfile
+
+    versions = models_dir / ".versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    staging = versions / f".incoming-{secrets.token_hex(4)}"
+    try:
+        with tarfile.open(bundle, "r:") as tar:
+            name = _unpack(tar, staging)
+        problems = verify(staging)
+        if problems:
+            raise BundleError(f"{bundle.name}: {'; '.join(problems)}")
+        key = str(read_manifest(staging).get("build_key", ""))[:12] or secrets.token_hex(6)
+        target = versions / f"{name}-{key}"
+        if target.exists():
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except (tarfile.TarError, EOFError, OSError, BundleError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = exc if isinstance(exc, BundleError) else f"{bundle.name} is truncated or not a model bundle ({exc})"
+        raise BundleError(f"refused: {reason}; the installed model is untouched") from exc
+    current = models_dir / name
+    _adopt(current, versions)
+    previous = os.readlink(current) if current.is_symlink() else None
+    _point(current, Path(".versions") / target.name)
+    if previous is not None and Path(previous).name != target.name:
+        _point(versions / f"{name}.previous", Path(previous).name)
+    _prune_versions(versions, name)
+    return name, target
+
+
+def rollback(models_dir: Path, name: str) -> Path:
+    """Switches ``name`` back to the version installed before the current one (and remembers the current)."""
+    versions = models_dir / ".versions"
+    marker = versions / f"{name}.previous"
+    if not marker.is_symlink() or not marker.resolve().is_dir():
+        raise BundleError(f"{name} has no previous version to roll back to")
+    current = models_dir / name
+    now = Path(os.readlink(current)).name
+    _point(current, Path(".versions") / Path(os.readlink(marker)).name)
+    _point(marker, now)
+    return current.resolve()
+
+
+def _prune_versions(versions: Path, name: str) -> None:
+    """Keeps the current and the previous version of ``name``; older ones only take space."""
+    import shutil
+
+    keep = {(versions.parent / name).resolve()}
+    marker = versions / f"{name}.previous"
+    if marker.is_symlink():
+        keep.add(marker.resolve())
+    for path in versions.glob(f"{name}-*"):
+        if path.is_dir() and path.resolve() not in keep and re.fullmatch(rf"{re.escape(name)}-[0-9a-z]+", path.name):
+            shutil.rmtree(path)
+
+
+def _unpack(tar: Any, staging: Path) -> str:
+    """Extracts the expected files only (no links, no paths outside); returns the model name."""
+    staging.mkdir()
+    names: set[str] = set()
+    for member in tar:
+        top, _, file = member.name.partition("/")
+        if not member.isfile() or file not in BUNDLE_FILES or not re.fullmatch(r"[A-Za-z0-9._-]+", top):
+            raise BundleError(f"unexpected entry {member.name!r}")
+        names.add(top)
+        source = tar.extractfile(member)
+        with (staging / file).open("wb") as dst:
+            while chunk := source.read(1 << 20):
+                dst.write(chunk)
+    if len(names) != 1:
+        raise BundleError("a bundle holds exactly one model")
+    return names.pop()
+
+
+def _adopt(current: Path, versions: Path) -> None:
+    """A model directory built in place becomes a version, so installs can switch away from it."""
+    if current.is_dir() and not current.is_symlink():
+        key = str(read_manifest(current).get("build_key", "local"))[:12] if (current / MANIFEST).is_file() else "local"
+        target = versions / f"{current.name}-{key}"
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        current.rename(target)
+        _point(current, Path(".versions") / target.name)
+
+
+def _point(link: Path, target: Path | str) -> None:
+    """Makes ``link`` a symlink to ``target`` atomically (rename over the old link)."""
+    tmp = link.with_name(f".{link.name}.link-tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    tmp.replace(link)

@@ -167,11 +167,12 @@ def test_bad_requests_get_a_specific_error(
 
 
 def test_full_queue_answers_busy_and_cancel_stops_queued_and_running(node: Node, listener: Listener) -> None:
-    for i in range(3):  # one runs, two wait: the queue (capacity 2) is full
+    ask(listener, {"id": "q-0", "prompt": LONG, "max_tokens": 400, "stream": True})
+    assert listener.json()["id"] == "q-0"  # its first chunk: q-0 runs
+    for i in (1, 2):  # two wait: the queue (capacity 2) is full
         ask(listener, {"id": f"q-{i}", "prompt": LONG, "max_tokens": 400})
-    time.sleep(0.3)
     ask(listener, {"id": "q-3", "prompt": "Say hi"})
-    busy = listener.json()
+    busy = next(r for r in iter(listener.json, None) if r["done"])
     assert busy["id"] == "q-3" and busy["error"]["code"] == "busy"
     assert busy["error"]["retry_after_s"] > 0
     for i in (2, 0, 1):
@@ -192,8 +193,8 @@ def test_expired_requests_are_dropped_before_compute(node: Node, listener: Liste
 
 
 def test_alerts_jump_the_queue(node: Node, listener: Listener) -> None:
-    ask(listener, {"id": "p-0", "prompt": LONG, "max_tokens": 40})
-    time.sleep(0.3)
+    ask(listener, {"id": "p-0", "prompt": LONG, "max_tokens": 40, "stream": True})
+    assert listener.json()["id"] == "p-0"  # running
     ask(listener, {"id": "p-bg", "prompt": "Say hi", "max_tokens": 3, "priority": "background"})
     ask(listener, {"id": "p-alert", "prompt": "Say hi", "max_tokens": 3, "priority": "alert"})
     order = [r["id"] for r in listener.finals(3)]

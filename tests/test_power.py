@@ -94,10 +94,10 @@ def test_governor_walks_through_the_states(broker: Mosquitto, smollm2_dirs: dict
         time.sleep(1.0)
         assert wait_for(watch, lambda t, b: t.endswith("/telemetry") and b["cpu_temp_c"] == 67.0)["governor"] == "warm"
 
-        ask("a-run", max_tokens=200)  # runs (paced) while the next two wait behind it
+        ask("a-run", max_tokens=200, stream=True)  # runs (paced) while the next two wait behind it
+        wait_for(replies, lambda _t, b: b.get("id") == "a-run")
         ask("b-wait")
         ask("c-expire", deadline_ms=2500)
-        time.sleep(0.5)
         status = heat(81.0, "hot")
         assert status["state"] == "degraded" and "hot" in status["reason"]
         ask("d-refused")

@@ -157,10 +157,9 @@ def test_sighup_swaps_the_model_without_losing_queued_requests(
     node.start(broker.port, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
     lst = Listener(broker.port, "r/hup", "edged/hup/status")
     try:
-        for rid in ("h-run", "h-q1", "h-q2"):
-            lst.publish(
-                "edged/hup/ask", json.dumps({"id": rid, "prompt": LONG, "max_tokens": 60}), response_topic="r/hup"
-            )
+        for rid, max_tokens in (("h-run", 1500), ("h-q1", 20), ("h-q2", 20)):
+            body = {"id": rid, "prompt": LONG, "max_tokens": max_tokens}
+            lst.publish("edged/hup/ask", json.dumps(body), response_topic="r/hup")
         node.config.write_text(
             node.config.read_text()
             .replace(f'model = "{SMOLLM2}"', f'model = "{SMOLLM2}-fp32"')
@@ -173,6 +172,7 @@ def test_sighup_swaps_the_model_without_losing_queued_requests(
         while "READY=1" not in lines[lines.index("RELOADING=1") :]:  # the new model loads beside the old one
             assert time.monotonic() < deadline
             lines += received(notify_socket, 0.5)
+        lst.publish("edged/hup/cancel", json.dumps({"id": "h-run"}))  # h-q1 and h-q2 waited through the swap
         replies = {}
         while len(replies) < 3:
             msg = lst.next(120)
@@ -180,7 +180,8 @@ def test_sighup_swaps_the_model_without_losing_queued_requests(
             if msg.topic == "r/hup" and body.get("done"):
                 replies[body["id"]] = body
         assert all(r["status"] == "ok" for r in replies.values())
-        assert replies["h-q2"]["model"] == f"{SMOLLM2}-fp32", "queued requests run on the new model"
+        assert (replies["h-run"]["model"], replies["h-run"]["finish_reason"]) == (SMOLLM2, "cancelled")
+        assert replies["h-q1"]["model"] == replies["h-q2"]["model"] == f"{SMOLLM2}-fp32", "queued ones: new model"
         lst.publish("edged/hup/ask", json.dumps({"id": "h-new", "prompt": LONG}), response_topic="r/hup")
         after = lst.finals(1)[0]
         assert after["usage"]["completion_tokens"] == 5, "the new max_tokens default is in effect"

@@ -89,6 +89,7 @@ def _config(args: argparse.Namespace) -> Config:
         "node_id": getattr(args, "node", None),
         "model": getattr(args, "model", None),
         "models_dir": getattr(args, "models_dir", None),
+        "sysfs_root": getattr(args, "sysfs_root", None),
     }
     path = Path(args.config) if getattr(args, "config", None) else None
     return load_config(path, dict(os.environ), overrides)
@@ -260,13 +261,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     models_dir_arg(p)
     p.set_defaults(func=cmd_model_eval)
+    p = msub.add_parser("pack", help="write a built model as one bundle file, for offline installs")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", help="bundle file (default: NAME-BUILDKEY.edged.tar here)")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_pack)
+    p = msub.add_parser("install", help="verify a bundle, unpack it beside the current model, switch to it")
+    p.add_argument("bundle")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_install)
+    p = msub.add_parser("rollback", help="switch back to the model version installed before the current one")
+    p.add_argument("name")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_model_rollback)
+
+    def node_args(p: argparse.ArgumentParser) -> None:
+        """The contract's serve flags; they override EDGED_* variables, which override the file."""
+        p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present)")
+        p.add_argument("--broker", help="mqtt://[user@]host[:port] or mqtts://...; none: a private local broker")
+        p.add_argument("--node", help="node id (default: the host name)")
+        p.add_argument("--model")
+        p.add_argument("--sysfs-root", help="where /sys and /proc are read from (default /)")
+        models_dir_arg(p)
 
     p = sub.add_parser("serve", help="run the daemon")
-    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present)")
-    p.add_argument("--broker", help="mqtt://[user@]host[:port] or mqtts://...; none: a private local broker")
-    p.add_argument("--node", help="node id (default: the host name)")
-    p.add_argument("--model")
-    models_dir_arg(p)
+    node_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="engine speed per build and MQTT overhead, as tables and ratios")
@@ -283,26 +302,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_config_check)
 
-    p = msub.add_parser("pack", help="write a built model as one bundle file, for offline installs")
-    p.add_argument("name")
-    p.add_argument("-o", "--output", help="bundle file (default: NAME-BUILDKEY.edged.tar here)")
-    models_dir_arg(p)
-    p.set_defaults(func=cmd_model_pack)
-    p = msub.add_parser("install", help="verify a bundle, unpack it beside the current model, switch to it")
-    p.add_argument("bundle")
-    models_dir_arg(p)
-    p.set_defaults(func=cmd_model_install)
-    p = msub.add_parser("rollback", help="switch back to the model version installed before the current one")
-    p.add_argument("name")
-    models_dir_arg(p)
-    p.set_defaults(func=cmd_model_rollback)
-
     p = sub.add_parser("doctor", help="check config, model, broker, sensors, memory and systemd")
-    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present)")
-    p.add_argument("--broker")
-    p.add_argument("--node")
-    p.add_argument("--model")
-    models_dir_arg(p)
+    node_args(p)
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("ask", help="ask a question (over MQTT, or --local in this process)")

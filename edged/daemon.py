@@ -14,8 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-
 import edged
 from edged import protocol
 from edged.broker import LocalBroker
@@ -24,7 +22,7 @@ from edged.energy import BOARDS, EnergyMeter, PowerModel, detect_board
 from edged.errors import EdgedError, InvalidRequest, ModelUnavailable, Power, RateLimited, Thermal
 from edged.governor import decide, limits
 from edged.homeassistant import discovery
-from edged.journal import Journal
+from edged.journal import Deliveries, Journal
 from edged.llm import Engine, Generation, GenerationRequest, Message
 from edged.metrics import MetricsServer
 from edged.mqtt import Inbound, Link
@@ -35,49 +33,6 @@ from edged.systemd import notify, setup_logging
 
 log = logging.getLogger("edged")
 _PRUNE_INTERVAL_S = 600
-
-
-class _Deliveries:
-    """Marks a journaled request done once the broker acknowledged its final reply."""
-
-    def __init__(self, journal: Journal) -> None:
-        self._journal = journal
-        self._pending: list[tuple[paho.MQTTMessageInfo, str]] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="edged-deliveries", daemon=True)
-        self._thread.start()
-
-    def track(self, info: paho.MQTTMessageInfo, request_id: str) -> None:
-        with self._cond:
-            self._pending.append((info, request_id))
-            self._cond.notify()
-
-    def drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._cond:
-                if not self._pending:
-                    break
-            time.sleep(0.02)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(2)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if self._stopping:
-                    return
-                if not self._pending:
-                    self._cond.wait(1.0)
-                delivered = [p for p in self._pending if p[0].is_published()]
-                self._pending = [p for p in self._pending if not p[0].is_published()]
-            for _, request_id in delivered:
-                self._journal.done(request_id)
-            if not delivered:
-                time.sleep(0.01)
 
 
 class Daemon:
@@ -116,7 +71,7 @@ class Daemon:
         self.fleet_topic = f"$share/{config.topic_prefix}/{config.topic_prefix}/fleet/ask"
         self.metrics: MetricsServer | None = None
         self.journal = Journal(config.resolved_state_dir() / "journal.sqlite")
-        self.deliveries = _Deliveries(self.journal)
+        self.deliveries = Deliveries(self.journal)
         broker_config = config.broker
         if not broker_config.url:
             self.broker = LocalBroker(config.resolved_state_dir(), broker_config.local_port)

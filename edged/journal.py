@@ -11,8 +11,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from edged.protocol import Envelope
+
+
+class Published(Protocol):
+    """What a publish returns (paho's MQTTMessageInfo): whether the broker has acknowledged it."""
+
+    def is_published(self) -> bool: ...
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -138,3 +146,46 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class Deliveries:
+    """Marks a journaled request done once the broker acknowledged its final reply."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._pending: list[tuple[Published, str]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="edged-deliveries", daemon=True)
+        self._thread.start()
+
+    def track(self, info: Published, request_id: str) -> None:
+        with self._cond:
+            self._pending.append((info, request_id))
+            self._cond.notify()
+
+    def drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._pending:
+                    break
+            time.sleep(0.02)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                if not self._pending:
+                    self._cond.wait(1.0)
+                delivered = [p for p in self._pending if p[0].is_published()]
+                self._pending = [p for p in self._pending if not p[0].is_published()]
+            for _, request_id in delivered:
+                self._journal.done(request_id)
+            if not delivered:
+                time.sleep(0.01)

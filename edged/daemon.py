@@ -57,6 +57,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.broker: LocalBroker | None = None
         self._accepting = threading.Event()
+        self._recorded: dict[str, threading.Event] = {}  # admitted requests whose journal write is under way
         self.defaults = _defaults(config)
         self.limiter = RateLimiter(config.rate_limit_per_min, config.rate_limit_burst)
         root = Path(config.sysfs_root)
@@ -395,15 +396,21 @@ class Daemon:
         except EdgedError as exc:
             self._reject(request_id, route, exc)
             return
-        if not self.journal.record(request.id, env, self.config.dedupe_window_s):
+        if self.journal.known(request.id, self.config.dedupe_window_s):
             self.counters["duplicates"] += 1
             log.info("duplicate delivery of %s ignored", request.id, extra={"request_id": request.id})
             return
+        # The worker may start while the journal write (an fsync) is under way; the broker gets its
+        # acknowledgement only after it, and the final reply waits for it (see _finish).
+        recorded = self._recorded[request.id] = threading.Event()
         try:
             self.scheduler.submit(request, prompt_ids)
-        except EdgedError as exc:
-            self._finish(request, protocol.error(request.id, exc, node=self.config.node_id))
-            self.counters[f"error.{exc.code}"] += 1
+        except EdgedError as exc:  # busy: refused, not journaled, so a retry with the same id is welcome
+            del self._recorded[request.id]
+            self._reject(request.id, request.route, exc)
+            return
+        self.journal.record(request.id, env, self.config.dedupe_window_s)
+        recorded.set()
 
     def _reject(self, request_id: str, route: Route, exc: EdgedError) -> None:
         self.counters[f"error.{exc.code}"] += 1
@@ -427,6 +434,9 @@ class Daemon:
     def _finish(self, request: Request, payload: bytes) -> None:
         """Sends the one final reply of a journaled request; done once the broker has it."""
         assert self.link is not None
+        recorded = self._recorded.pop(request.id, None)
+        if recorded is not None:
+            recorded.wait(10)
         self.journal.replied(request.id, request.route.topic, payload)
         info = self.link.publish(request.route.topic, payload, request.route.qos, correlation=request.route.correlation)
         self.deliveries.track(info, request.id)
@@ -498,6 +508,8 @@ class _Replies:
         r = generation.result
         if r.timings.tokens_per_s:
             d.tokens_per_s = r.timings.tokens_per_s
+        final = protocol.final(request.id, generation.result, model=model, node=d.config.node_id, energy_j=energy_j)
+        d._finish(request, final)
         log.info(
             "answered %s: %s, %d tokens, %.0f ms, %s J",
             request.id,
@@ -507,8 +519,6 @@ class _Replies:
             energy_j,
             extra={"request_id": request.id},
         )
-        final = protocol.final(request.id, generation.result, model=model, node=d.config.node_id, energy_j=energy_j)
-        d._finish(request, final)
 
     def ended(self, request: Request, finish_reason: str) -> None:
         self._d._finish(request, self._d._ended_payload(request, finish_reason))

@@ -95,6 +95,12 @@ class Journal:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             return cur.rowcount == 1
 
+    def known(self, request_id: str, dedupe_window_s: float) -> bool:
+        """Whether ``request_id`` is unfinished, or finished within the window (a duplicate delivery)."""
+        with self._lock:
+            row = self._db.execute("SELECT state, received_at FROM requests WHERE id = ?", (request_id,)).fetchone()
+        return row is not None and (row[0] != "done" or row[1] >= time.time() - dedupe_window_s)
+
     def replied(self, request_id: str, topic: str, reply: bytes) -> None:
         with self._lock:
             self._db.execute(

@@ -181,6 +181,9 @@ def test_full_queue_answers_busy_and_cancel_stops_queued_and_running(node: Node,
     assert {r["finish_reason"] for r in finals.values()} == {"cancelled"}
     assert finals["q-2"]["usage"]["completion_tokens"] == 0, "cancelled while queued: no compute"
     assert finals["q-0"]["usage"]["completion_tokens"] < 400
+    ask(listener, {"id": "q-3", "prompt": "Say hi", "max_tokens": 3})  # the refused id, retried: welcome now
+    retried = listener.finals(1)[0]
+    assert retried["id"] == "q-3" and retried["status"] == "ok"
 
 
 def test_expired_requests_are_dropped_before_compute(node: Node, listener: Listener) -> None:

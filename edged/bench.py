@@ -21,6 +21,7 @@ from typing import Any
 
 from edged.broker import LocalBroker
 from edged.llm import Engine, GenerationRequest, Message
+from edged.mqtt import set_nodelay
 
 # The prompt the FINDINGS baselines used: the chat template plus a ~40-token question.
 BENCH_PROMPT = (
@@ -77,7 +78,7 @@ class _Requester:
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *_: subscribed.set()
         self.client.connect("127.0.0.1", port)
-        _nodelay(self.client)
+        set_nodelay(self.client)
         self.client.loop_start()
         self.client.subscribe(reply_topic, 1)
         subscribed.wait(10)
@@ -109,10 +110,6 @@ class _Requester:
         self.client.loop_stop()
 
 
-def _nodelay(client: Any) -> None:
-    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _echo(port: int) -> Any:
     """The peer: a bare responder that answers each request at once, so only the broker path remains."""
     import paho.mqtt.client as paho
@@ -131,7 +128,7 @@ def _echo(port: int) -> Any:
     client.on_message = answer
     client.on_subscribe = lambda *_: subscribed.set()
     client.connect("127.0.0.1", port)
-    _nodelay(client)
+    set_nodelay(client)
     client.loop_start()
     client.subscribe("bench/echo", 1)
     subscribed.wait(10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
-import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.errors import EdgedError
+from edged.mqtt import set_nodelay
 
 
 class ReplyError(EdgedError):
@@ -43,7 +43,7 @@ class AskClient:
         if parts.scheme == "mqtts":
             self._client.tls_set()
         self._client.on_message = self._message
-        self._client.on_connect = self._nodelay
+        self._client.on_connect = lambda client, *_: set_nodelay(client)
         self._client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=30)
         self._client.loop_start()
 
@@ -108,8 +108,3 @@ class AskClient:
     def _message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         with contextlib.suppress(ValueError):
             self._replies.put(json.loads(msg.payload))
-
-    def _nodelay(self, client: paho.Client, *_: object) -> None:
-        sock = client.socket()
-        if isinstance(sock, socket.socket):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -37,29 +37,15 @@ def _log_softmax(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return out
 
 
-def greedy_ids(engine: Engine, prompt_ids: list[int], tokens: int) -> list[int]:
-    """The reference continuation: greedy, ending early at end of turn."""
-    cache = engine.session.new_cache()
-    logits = engine.session.forward(prompt_ids, cache)[-1]
-    out: list[int] = []
-    for _ in range(tokens):
-        token = int(np.argmax(logits))
-        if token in engine.end_ids:
-            break
-        out.append(token)
-        logits = engine.session.forward([token], cache)[-1]
-    return out
-
-
 def agreement(reference: Engine, candidate: Engine, tokens: int = EVAL_TOKENS) -> Agreement:
     """Both models read the reference's own greedy answers; compare their next-token choices."""
     matches = 0
     kl_sum = 0.0
     positions = 0
     for prompt in PROMPTS:
-        prompt_ids = reference.prompt_ids(GenerationRequest(messages=(Message("user", prompt),)))
-        answer = greedy_ids(reference, prompt_ids, tokens)
-        sequence = prompt_ids + answer
+        request = GenerationRequest(messages=(Message("user", prompt),), max_tokens=tokens)
+        prompt_ids = reference.prompt_ids(request)
+        sequence = prompt_ids + list(reference.complete(request).token_ids)  # greedy, ends at end of turn
         # logits at position i predict token i + 1: score the positions that predict the answer
         span = slice(len(prompt_ids) - 1, len(sequence) - 1)
         ref = _log_softmax(reference.session.forward(sequence, reference.session.new_cache())[span])

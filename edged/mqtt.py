@@ -20,6 +20,16 @@ from edged.protocol import Envelope
 log = logging.getLogger(__name__)
 
 
+def set_nodelay(client: paho.Client) -> None:
+    """TCP_NODELAY on a connected client's socket; call after every (re)connect.
+
+    Nagle plus delayed ACK costs ~40-90 ms per request/response on loopback (shared/FINDINGS.md).
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 @dataclass(frozen=True)
 class Inbound:
     topic: str
@@ -128,10 +138,7 @@ class Link:
         if getattr(reason, "is_failure", False):
             log.warning("broker refused the connection: %s", reason)
             return
-        sock = client.socket()
-        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Nagle plus delayed ACK costs ~40-90 ms per request/response on loopback (shared/FINDINGS.md).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(client)
         for topic, qos in self.subscriptions.items():
             client.subscribe(topic, qos)
         self.connected.set()

@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
+import tarfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +196,6 @@ class BundleError(ValueError):
 
 def pack(models_dir: Path, name: str, out: Path) -> Path:
     """Writes ``name`` as one archive; refuses a model that fails its own checksums."""
-    import tarfile
 
     model_dir = models_dir / name
     problems = verify(model_dir)
@@ -209,9 +211,7 @@ def pack(models_dir: Path, name: str, out: Path) -> Path:
 
 def install(models_dir: Path, bundle: Path) -> tuple[str, Path]:
     """Verifies and unpacks ``bundle`` beside the current version, then switches to it atomically."""
-    import secrets
     import shutil
-    import tarfile
 
     versions = models_dir / ".versions"
     versions.mkdir(parents=True, exist_ok=True)
@@ -257,7 +257,6 @@ def rollback(models_dir: Path, name: str) -> Path:
 
 def _prune_versions(versions: Path, name: str) -> None:
     """Keeps the current and the previous version of ``name``; older ones only take space."""
-    import shutil
 
     keep = {(versions.parent / name).resolve()}
     marker = versions / f"{name}.previous"
@@ -292,8 +291,6 @@ def _adopt(current: Path, versions: Path) -> None:
         key = str(read_manifest(current).get("build_key", "local"))[:12] if (current / MANIFEST).is_file() else "local"
         target = versions / f"{current.name}-{key}"
         if target.exists():
-            import shutil
-
             shutil.rmtree(target)
         current.rename(target)
         _point(current, Path(".versions") / target.name)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edged.build import build_model
 from edged.store import Recipe, default_cache_dir, default_models_dir
+from tests.mqttlab import Mosquitto
 
 SMOLLM2 = "smollm2-135m-instruct"
 CHATML = (
@@ -81,6 +83,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["fp32"]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto of the test's own on a free loopback port (test_daemon shares one per module)."""
+    b = Mosquitto(tmp_path / "broker").start()
+    yield b
+    b.stop()
 
 
 @pytest.fixture(scope="session")

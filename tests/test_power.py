@@ -8,7 +8,6 @@ import socket
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,6 @@ from tests.conftest import SMOLLM2
 from tests.mqttlab import Listener, Mosquitto, Node, free_port
 
 pytestmark = pytest.mark.model
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "broker").start()
-    yield b
-    b.stop()
 
 
 def wait_for(lst: Listener, predicate: Any, timeout_s: float = 15) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +75,9 @@ class GGUFSource:
                 if ty == _CONTROL_TOKEN
             ]
         )
-        for name, expected in ((bos, self.field("tokenizer.ggml.bos_token_id")),):
-            if tok.token_to_id(name) != expected:
-                raise ValueError(f"{name} is id {tok.token_to_id(name)}, the GGUF says {expected}")
+        expected = self.field("tokenizer.ggml.bos_token_id")
+        if tok.token_to_id(bos) != expected:
+            raise ValueError(f"{bos} is id {tok.token_to_id(bos)}, the GGUF says {expected}")
         if tok.token_to_id(eos) is None:
             raise ValueError(f"{eos} is not in the vocabulary")
         return tok
@@ -143,10 +142,3 @@ class GGUFSource:
             q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
             return BlockWeights.from_affine(8, q.reshape(rows, -1), d, -128 * d)
         return None
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    bos: str
-    eos: str
-    split_digits: bool = True

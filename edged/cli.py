@@ -96,7 +96,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from edged.daemon import serve
+    from edged.app import serve
 
     return serve(_config(args), reload_config=lambda: _config(args))
 

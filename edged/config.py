@@ -89,6 +89,9 @@ class Config:
     homeassistant: bool = True  # publish Home Assistant MQTT discovery
     homeassistant_prefix: str = "homeassistant"
     metrics_port: int = 0  # Prometheus metrics on 127.0.0.1:<port>; 0: off
+    # Where replies may go (CONTRACT.md v1.1): MQTT filters, {prefix} {node} {client} filled in per request.
+    reply_topics: tuple[str, ...] = ("{prefix}/{node}/answer/{client}/#", "kiosk/{client}/#")  # scoped requests
+    v1_reply_topics: tuple[str, ...] = ("#",)  # requests on the v1 topics (loopback and anonymous setups)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     governor: Thresholds = field(default_factory=Thresholds)
 
@@ -124,6 +127,10 @@ def _check_types(section: str, cls: type, values: dict[str, Any]) -> dict[str, A
         }.get(str(expected), True)
         if not ok:
             raise ConfigError(f"{section}.{key} must be a {expected}, got {type(value).__name__} {value!r}")
+        if str(expected).startswith("tuple[str"):
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{section}.{key} must be a list of non-empty strings, got {value!r}")
+            value = tuple(value)
         out[key] = float(value) if expected == "float" else value
     return out
 
@@ -139,6 +146,12 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{key} must be at least 1")
     if config.max_tokens > config.max_tokens_cap:
         raise ConfigError(f"max_tokens ({config.max_tokens}) is above max_tokens_cap ({config.max_tokens_cap})")
+    for key in ("reply_topics", "v1_reply_topics"):
+        for pattern in getattr(config, key):
+            try:
+                pattern.format(prefix="p", node="n", client="c")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"{key}: {pattern!r} may only use {{prefix}}, {{node}} and {{client}}") from exc
     g = config.governor
     if not g.warm_c < g.hot_c < g.critical_c:
         raise ConfigError("governor thresholds must rise: warm_c < hot_c < critical_c")

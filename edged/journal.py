@@ -1,7 +1,8 @@
-"""The request journal: a QoS 1 request is acknowledged to the broker only once it is recorded here.
+"""The request journal: SQLite rows only. A QoS 1 request is acknowledged once it is recorded here.
 
-A row lives through queued -> replied -> done. ``replied`` holds the final reply until the broker has
-acknowledged it, so a crash in between re-sends that reply instead of losing it or computing it twice.
+A row is keyed by (identity, id) and lives through queued -> replied -> done. ``replied`` holds the final
+reply until the broker has acknowledged it, so a crash in between re-sends that reply instead of losing it
+or computing it twice; a done row keeps its reply for the dedupe window, to answer a retried id again.
 """
 
 from __future__ import annotations
@@ -11,42 +12,60 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from edged.protocol import Envelope
 
-
-class Published(Protocol):
-    """What a publish returns (paho's MQTTMessageInfo): whether the broker has acknowledged it."""
-
-    def is_published(self) -> bool: ...
-
-
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,         -- Identity.key: request ids are unique per asker
+    id TEXT NOT NULL,
+    topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
-    client TEXT NOT NULL,
     response_topic TEXT,
     correlation BLOB,
     content_type TEXT,
     received_at REAL NOT NULL,
     state TEXT NOT NULL,            -- queued, replied, done
+    attempts INTEGER NOT NULL DEFAULT 0,
     reply_topic TEXT,
     reply BLOB,
-    finished_at REAL
+    finished_at REAL,
+    PRIMARY KEY (identity, id)
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests (state, received_at);
 """
+# Version 1 keyed rows by id alone; its unfinished rows are carried over as v1 (unscoped) requests.
+_MIGRATE_1 = """
+ALTER TABLE requests RENAME TO requests_v1;
+DROP INDEX IF EXISTS requests_state;
+{schema}
+INSERT INTO requests (identity, id, topic, payload, qos, response_topic, correlation, content_type,
+                      received_at, state, reply_topic, reply, finished_at)
+    SELECT '~' || COALESCE(NULLIF(client, ''), response_topic, ''), id, '', payload, qos, response_topic,
+           correlation, content_type, received_at, state, reply_topic, reply, finished_at FROM requests_v1;
+DROP TABLE requests_v1;
+"""
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the journal knows of an (identity, id): its state and, once replied, the final reply."""
+
+    state: str
+    reply: bytes | None
+    received_at: float
 
 
 @dataclass(frozen=True)
 class Unfinished:
     """A journaled request without an acknowledged final reply, found at start-up."""
 
+    key: str
     id: str
     envelope: Envelope
+    attempts: int  # starts of the daemon that already tried it
     reply_topic: str | None  # set when a final reply was produced but maybe not delivered
     reply: bytes | None
 
@@ -60,15 +79,32 @@ class Journal:
         # Recording a request fsyncs (it is acknowledged to the broker next: it must survive power loss);
         # later state changes only need to survive a crash of the process, which WAL gives without fsync.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        old = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'requests'").fetchone()
+        if version < _SCHEMA_VERSION and old is not None:
+            self._db.executescript("BEGIN;" + _MIGRATE_1.format(schema=_SCHEMA) + "COMMIT;")
+        else:
+            self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
-    def record(self, request_id: str, env: Envelope, dedupe_window_s: float) -> bool:
-        """Records a new request durably; False when the id was seen within the window (a duplicate delivery)."""
+    def seen(self, key: str, request_id: str, window_s: float) -> Seen | None:
+        """The row of (key, id) when it is unfinished or was received within the dedupe window."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state, reply, received_at FROM requests WHERE identity = ? AND id = ?", (key, request_id)
+            ).fetchone()
+        if row is None or (row[0] == "done" and row[2] < time.time() - window_s):
+            return None
+        return Seen(row[0], row[1], row[2])
+
+    def record(self, key: str, request_id: str, env: Envelope) -> None:
+        """Records a new request durably (an older finished row of the same key and id is replaced)."""
         row = (
+            key,
             request_id,
+            env.topic,
             env.payload,
             env.qos,
-            env.client,
             env.response_topic,
             env.correlation,
             env.content_type,
@@ -77,74 +113,73 @@ class Journal:
         with self._lock:
             self._db.execute("PRAGMA synchronous=FULL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
-                    "DELETE FROM requests WHERE id = ? AND state = 'done' AND received_at < ?",
-                    (request_id, time.time() - dedupe_window_s),
-                )
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO requests (id, payload, qos, client, response_topic, correlation,"
-                    " content_type, received_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
+                    "INSERT OR REPLACE INTO requests (identity, id, topic, payload, qos, response_topic, correlation,"
+                    " content_type, received_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued')",
                     row,
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
-            return cur.rowcount == 1
 
-    def known(self, request_id: str, dedupe_window_s: float) -> bool:
-        """Whether ``request_id`` is unfinished, or finished within the window (a duplicate delivery)."""
-        with self._lock:
-            row = self._db.execute("SELECT state, received_at FROM requests WHERE id = ?", (request_id,)).fetchone()
-        return row is not None and (row[0] != "done" or row[1] >= time.time() - dedupe_window_s)
-
-    def replied(self, request_id: str, topic: str, reply: bytes) -> None:
+    def replied(self, key: str, request_id: str, topic: str, reply: bytes) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE requests SET state = 'replied', reply_topic = ?, reply = ? WHERE id = ? AND state = 'queued'",
-                (topic, reply, request_id),
+                "UPDATE requests SET state = 'replied', reply_topic = ?, reply = ?, payload = x''"
+                " WHERE identity = ? AND id = ? AND state = 'queued'",
+                (topic, reply, key, request_id),
             )
 
-    def done(self, request_id: str) -> None:
+    def done(self, key: str, request_id: str) -> None:
         with self._lock:
             self._db.execute(
-                "UPDATE requests SET state = 'done', finished_at = ?, payload = x'' WHERE id = ?",
-                (time.time(), request_id),
+                "UPDATE requests SET state = 'done', finished_at = ? WHERE identity = ? AND id = ?",
+                (time.time(), key, request_id),
+            )
+
+    def attempt(self, key: str, request_id: str) -> None:
+        """Counts a start that takes up an unfinished row, so a request that crashes every run can be ended."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE requests SET attempts = attempts + 1 WHERE identity = ? AND id = ?", (key, request_id)
             )
 
     def unfinished(self) -> list[Unfinished]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, payload, qos, client, response_topic, correlation, content_type, received_at,"
-                " reply_topic, reply FROM requests WHERE state != 'done' ORDER BY received_at"
+                "SELECT identity, id, topic, payload, qos, response_topic, correlation, content_type, received_at,"
+                " attempts, reply_topic, reply FROM requests WHERE state != 'done' ORDER BY received_at"
             ).fetchall()
         return [
             Unfinished(
-                id=r[0],
+                key=r[0],
+                id=r[1],
                 envelope=Envelope(
-                    payload=r[1],
-                    qos=r[2],
-                    client=r[3],
-                    response_topic=r[4],
-                    correlation=r[5],
-                    content_type=r[6],
-                    received_at=r[7],
+                    topic=r[2],
+                    payload=r[3],
+                    qos=r[4],
+                    response_topic=r[5],
+                    correlation=r[6],
+                    content_type=r[7],
+                    received_at=r[8],
                 ),
-                reply_topic=r[8],
-                reply=r[9],
+                attempts=r[9],
+                reply_topic=r[10],
+                reply=r[11],
             )
             for r in rows
         ]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per state, for tests and `edged doctor`."""
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM requests GROUP BY state").fetchall())
 
     def prune(self, keep: int, keep_s: float) -> int:
         """Drops finished entries older than ``keep_s`` or beyond the newest ``keep``."""
         with self._lock:
             cur = self._db.execute(
-                "DELETE FROM requests WHERE state = 'done' AND (finished_at < ? OR id NOT IN"
-                " (SELECT id FROM requests WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?))",
+                "DELETE FROM requests WHERE state = 'done' AND (finished_at < ? OR rowid NOT IN"
+                " (SELECT rowid FROM requests WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?))",
                 (time.time() - keep_s, keep),
             )
             return cur.rowcount
@@ -152,46 +187,3 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-class Deliveries:
-    """Marks a journaled request done once the broker acknowledged its final reply."""
-
-    def __init__(self, journal: Journal) -> None:
-        self._journal = journal
-        self._pending: list[tuple[Published, str]] = []
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="edged-deliveries", daemon=True)
-        self._thread.start()
-
-    def track(self, info: Published, request_id: str) -> None:
-        with self._cond:
-            self._pending.append((info, request_id))
-            self._cond.notify()
-
-    def drain(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._cond:
-                if not self._pending:
-                    break
-            time.sleep(0.02)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(2)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if self._stopping:
-                    return
-                if not self._pending:
-                    self._cond.wait(1.0)
-                delivered = [p for p in self._pending if p[0].is_published()]
-                self._pending = [p for p in self._pending if not p[0].is_published()]
-            for _, request_id in delivered:
-                self._journal.done(request_id)
-            if not delivered:
-                time.sleep(0.01)

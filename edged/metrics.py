@@ -21,6 +21,26 @@ _GAUGES = {
 }
 
 
+class Counts:
+    """Event counters shared by the node's threads (received, refused by code, dropped, ...)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + n
+
+    def __getitem__(self, name: str) -> int:
+        with self._lock:
+            return self._counts.get(name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 def render(telemetry: dict[str, Any], counters: dict[str, int]) -> str:
     lines = []
     for key, name in _GAUGES.items():

@@ -1,4 +1,8 @@
-"""paho-mqtt adapter: the persistent session, reconnects, manual acknowledgement, TCP_NODELAY."""
+"""paho-mqtt adapter: the persistent session, reconnects, manual acknowledgement, TCP_NODELAY.
+
+paho's types stop here: callbacks hand edged's own ``Inbound`` and publish completions over, paho's
+return codes and exceptions are mapped once (``publish`` returns a message id or raises ``NotSent``).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -18,6 +23,7 @@ from edged.config import BrokerConfig
 from edged.protocol import Envelope
 
 log = logging.getLogger(__name__)
+_REPEAT_LOG_S = 60.0  # a connection failure with the same reason is logged again at most this often
 
 
 def set_nodelay(client: paho.Client) -> None:
@@ -32,13 +38,37 @@ def set_nodelay(client: paho.Client) -> None:
 
 @dataclass(frozen=True)
 class Inbound:
-    topic: str
+    """A received message: the broker's message id (for the acknowledgement) and what it carried."""
+
     mid: int
     envelope: Envelope
 
 
+class NotSent(Exception):
+    """A publish paho did not take. ``retry``: it may succeed once connected (QoS 0 while offline)."""
+
+    def __init__(self, reason: str, *, retry: bool) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
+class _Client(paho.Client):
+    """paho's client, telling why a (re)connect failed: paho itself only retries and logs at debug level."""
+
+    on_connect_error: Callable[[OSError], None] | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            if self.on_connect_error is not None:
+                self.on_connect_error(exc)
+            raise
+
+
 class Link:
-    """One MQTT connection. Callbacks run on paho's network thread; ``publish`` is safe from any thread."""
+    """One MQTT connection. Callbacks run on paho's network thread and only hand over; ``publish`` and
+    ``ack`` are safe from any thread."""
 
     def __init__(
         self,
@@ -47,20 +77,21 @@ class Link:
         will: tuple[str, bytes],
         on_message: Callable[[Inbound], None],
         on_connect: Callable[[], None],
+        on_published: Callable[[int, str | None], None],
     ) -> None:
         self.v5 = config.protocol == "v5"
         self._config = config
         self._on_message = on_message
         self._on_connect = on_connect
+        self._on_published = on_published
         self.subscriptions: dict[str, int] = {}
         self.connected = threading.Event()
         self.reconnects = 0
+        self._last_failure: tuple[str, float] = ("", 0.0)
         if self.v5:
-            client = paho.Client(
-                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True
-            )
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True)
         else:
-            client = paho.Client(
+            client = _Client(
                 CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 protocol=paho.MQTTv311,
@@ -79,6 +110,8 @@ class Link:
         client.on_connect = self._connected
         client.on_disconnect = self._disconnected
         client.on_message = self._message
+        client.on_publish = self._published
+        client.on_connect_error = self._connect_failed
         self._client = client
 
     def start(self) -> None:
@@ -124,26 +157,52 @@ class Link:
 
     def publish(
         self, topic: str, payload: bytes, qos: int, *, retain: bool = False, correlation: bytes | None = None
-    ) -> paho.MQTTMessageInfo:
+    ) -> int:
+        """Hands a message to paho; its message id, whose completion comes to ``on_published``.
+
+        QoS 1 and 2 messages published while the broker is away are kept by paho and sent on reconnect.
+        """
         props = None
         if correlation is not None and self.v5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = correlation
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except (ValueError, TypeError) as exc:  # a topic or payload paho refuses outright
+            raise NotSent(str(exc), retry=False) from exc
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+            raise NotSent("not connected to the broker", retry=True)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise NotSent(paho.error_string(info.rc), retry=False)
+        return int(info.mid)
 
     def ack(self, mid: int, qos: int) -> None:
-        self._client.ack(mid, qos)
+        if qos > 0:
+            self._client.ack(mid, qos)
 
-    def _connected(self, client: paho.Client, _u: object, flags: object, reason: object, _p: object) -> None:
+    # -- paho's callbacks (network thread) ---------------------------------------------------------
+
+    def _connected(self, client: paho.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
         if getattr(reason, "is_failure", False):
-            log.warning("broker refused the connection: %s", reason)
+            self._failed(f"the broker refused the connection: {reason}")
             return
         set_nodelay(client)
         for topic, qos in self.subscriptions.items():
             client.subscribe(topic, qos)
         self.connected.set()
+        self._last_failure = ("", 0.0)
         log.info("connected to %s:%s", self._config.host, self._config.port)
         self._on_connect()
+
+    def _connect_failed(self, exc: OSError) -> None:
+        self._failed(f"cannot connect to {self._config.host}:{self._config.port}: {exc}")
+
+    def _failed(self, reason: str) -> None:
+        last, when = self._last_failure
+        now = time.monotonic()
+        if reason != last or now - when >= _REPEAT_LOG_S:
+            log.warning("%s; retrying", reason)
+            self._last_failure = (reason, now)
 
     def _disconnected(self, _c: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if self.connected.is_set():
@@ -151,22 +210,25 @@ class Link:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         self.connected.clear()
 
+    def _published(self, _c: paho.Client, _u: object, mid: int, reason: Any, _p: object) -> None:
+        failure = str(reason) if getattr(reason, "is_failure", False) else None
+        self._on_published(mid, failure)
+
     def _message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        client_id = ""
-        for key, value in getattr(props, "UserProperty", None) or []:
-            if key == "client":
-                client_id = value
-        env = Envelope(
-            payload=bytes(msg.payload),
-            qos=msg.qos,
-            client=client_id,
-            response_topic=getattr(props, "ResponseTopic", None) or None,
-            correlation=getattr(props, "CorrelationData", None),
-            content_type=getattr(props, "ContentType", None),
-            received_at=time.time(),
-        )
         try:
-            self._on_message(Inbound(msg.topic, msg.mid, env))
-        except Exception:  # not acknowledged: the broker delivers it again after a reconnect
-            log.exception("handling a message on %s failed", msg.topic)
+            props = getattr(msg, "properties", None)
+            env = Envelope(
+                topic=msg._topic.decode("utf-8", "replace"),
+                payload=bytes(msg.payload),
+                qos=msg.qos,
+                retained=bool(msg.retain),
+                response_topic=getattr(props, "ResponseTopic", None) or None,
+                correlation=getattr(props, "CorrelationData", None),
+                content_type=getattr(props, "ContentType", None),
+                received_at=time.time(),
+            )
+        except Exception:  # never leave a message unacknowledged: it would hold the broker's window
+            log.exception("a message on %r could not be read; acknowledged and dropped", msg._topic[:100])
+            self.ack(msg.mid, msg.qos)
+            return
+        self._on_message(Inbound(msg.mid, env))

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from edged.admission import displaced
 from edged.errors import Busy, EdgedError, Internal
 from edged.governor import Limits
 from edged.llm import Engine, Generation
-from edged.protocol import Request
+from edged.protocol import Identity, Request
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +34,42 @@ class Replies(Protocol):
 
 
 class RateLimiter:
-    """Token bucket per client: ``per_min`` requests a minute on average, bursts of ``burst``."""
+    """Token bucket per client: ``per_min`` requests a minute on average, bursts of ``burst``.
 
-    def __init__(self, per_min: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+    At most ``max_clients`` buckets are kept: past that, full buckets (clients idle long enough to have
+    refilled, the same as unknown ones) are forgotten first, then the longest idle.
+    """
+
+    def __init__(
+        self, per_min: float, burst: int, clock: Callable[[], float] = time.monotonic, max_clients: int = 4096
+    ) -> None:
         self._rate_s = per_min / 60
         self._burst = float(burst)
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, updated)
+        self._max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, updated), oldest update first
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def admit(self, client: str) -> float | None:
         """None when admitted, else seconds until a request from ``client`` would be."""
         if self._rate_s <= 0:
             return None
         now = self._clock()
-        tokens, updated = self._buckets.get(client, (self._burst, now))
+        tokens, updated = self._buckets.pop(client, (self._burst, now))
         tokens = min(self._burst, tokens + (now - updated) * self._rate_s)
-        if tokens >= 1:
-            self._buckets[client] = (tokens - 1, now)
-            return None
-        self._buckets[client] = (tokens, now)
-        if len(self._buckets) > 10_000:  # forget idle clients rather than grow without bound
-            self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < 3600}
-        return round((1 - tokens) / self._rate_s, 1)
+        admitted = tokens >= 1
+        self._buckets[client] = (tokens - 1 if admitted else tokens, now)
+        if len(self._buckets) > self._max_clients:
+            self._forget(now)
+        return None if admitted else round((1 - tokens) / self._rate_s, 1)
+
+    def _forget(self, now: float) -> None:
+        refill_s = self._burst / self._rate_s
+        self._buckets = {c: b for c, b in self._buckets.items() if now - b[1] < refill_s}
+        while len(self._buckets) > self._max_clients:
+            del self._buckets[next(iter(self._buckets))]
 
 
 @dataclass(order=True)
@@ -63,6 +78,10 @@ class _Job:
     seq: int
     request: Request
     prompt_ids: list[int] | None  # None after a model swap: tokenized again by the new model
+
+
+def _key(job: _Job) -> tuple[str, str]:
+    return job.request.identity.key, job.request.id
 
 
 class Scheduler:
@@ -87,7 +106,7 @@ class Scheduler:
         self.capacity = capacity
         self._replies = replies
         self._heap: list[_Job] = []
-        self._queued: dict[str, _Job] = {}
+        self._queued: dict[tuple[str, str], _Job] = {}  # (identity key, id) -> job
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._running: tuple[Request, Generation] | None = None
@@ -103,30 +122,57 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
+    def room_for(self, priority_rank: int) -> bool:
+        """Whether a request of this priority would be queued now (a full queue still takes an alert that
+        can displace lower-priority work)."""
+        with self._cond:
+            if len(self._queued) < self.capacity:
+                return True
+            return displaced(priority_rank, [(j.rank, j.seq, k) for k, j in self._queued.items()]) is not None
+
     def submit(self, request: Request, prompt_ids: list[int], *, force: bool = False) -> None:
-        """Queues ``request``; raises Busy at once when the queue is full (``force``: journal replay)."""
+        """Queues ``request``; raises Busy at once when the queue is full (``force``: journal replay).
+
+        When full, an alert displaces the newest background request, else the newest normal one
+        (CONTRACT.md v1.1); the displaced request is answered ``busy``.
+        """
+        victim: _Job | None = None
         with self._cond:
             if self._stopping:
                 raise Busy("this node is shutting down; send the request again shortly", retry_after_s=5)
             if len(self._queued) >= self.capacity and not force:
-                raise Busy(
-                    f"the queue is full ({self.capacity} requests waiting); try again shortly",
-                    retry_after_s=2,
-                )
+                key = displaced(request.priority_rank, [(j.rank, j.seq, k) for k, j in self._queued.items()])
+                if key is None:
+                    raise Busy(
+                        f"the queue is full ({self.capacity} requests waiting); try again shortly",
+                        retry_after_s=2,
+                    )
+                victim = self._queued.pop(key)
             job = _Job(request.priority_rank, next(self._seq), request, prompt_ids)
             heapq.heappush(self._heap, job)
-            self._queued[request.id] = job
+            self._queued[(request.identity.key, request.id)] = job
             self._cond.notify()
+        if victim is not None:
+            busy = Busy("an alert took this request's place in the full queue; send it again shortly", retry_after_s=2)
+            self._replies.failed(victim.request, busy)
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancels a queued or running request; the running one stops before its next token."""
+    def cancel(self, identity: Identity | None, request_id: str) -> bool:
+        """Cancels a queued or running request of ``identity`` (None: any v1 asker's); the running one stops
+        before its next token."""
+
+        def mine(request: Request) -> bool:
+            if request.id != request_id:
+                return False
+            return request.identity == identity if identity is not None else not request.identity.scoped
+
         with self._cond:
-            job = self._queued.pop(request_id, None)
+            key = next((k for k, j in self._queued.items() if mine(j.request)), None)
+            job = self._queued.pop(key) if key is not None else None
             running = self._running
         if job is not None:
             self._replies.ended(job.request, "cancelled")
             return True
-        if running is not None and running[0].id == request_id:
+        if running is not None and mine(running[0]):
             running[1].cancel("cancelled")
             return True
         return False
@@ -166,17 +212,17 @@ class Scheduler:
             with self._cond:
                 if self._stopping:
                     return None
-                while self._heap and self._heap[0].request.id not in self._queued:
-                    heapq.heappop(self._heap)  # cancelled while queued
+                while self._heap and self._queued.get(_key(self._heap[0])) is not self._heap[0]:
+                    heapq.heappop(self._heap)  # cancelled, displaced or expired while queued
                 if self._heap and self._limits().run_queued:
                     job = heapq.heappop(self._heap)
-                    del self._queued[job.request.id]
+                    del self._queued[_key(job)]
                     return job
                 if self._heap:  # held back by the governor: queued work waits, or expires by its deadline
                     now = time.time()
                     expired = [j for j in self._queued.values() if j.request.deadline_at <= now]
                     for j in expired:
-                        del self._queued[j.request.id]
+                        del self._queued[_key(j)]
                 self.heartbeat = time.monotonic()
                 if not expired:
                     self._cond.wait(0.5 if self._heap else 1.0)

@@ -1,0 +1,212 @@
+"""The way in: a bounded hand-off from paho's network thread, and one thread that handles each message.
+
+``put`` runs on the network thread and only enqueues. The inbox thread parses, confines the reply route,
+deduplicates, admits, tokenizes, journals (fsync) and queues the request, and then acknowledges the
+message to the broker: exactly once, whatever the message holds or raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from edged import protocol
+from edged.admission import NodeState, refusal
+from edged.errors import EdgedError, Internal, InvalidRequest, ModelUnavailable
+from edged.journal import Journal, Unfinished
+from edged.llm import GenerationRequest
+from edged.metrics import Counts
+from edged.mqtt import Inbound
+from edged.outbox import Outbox
+from edged.protocol import Defaults, Envelope, Identity, Refusal, Request, Route
+from edged.scheduler import RateLimiter, Scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # starts of the daemon a journaled request may take part in before it is answered `internal`
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the inbox thread works with; the composition root builds it and swaps it on reload."""
+
+    defaults: Defaults
+    dedupe_window_s: float
+    limiter: RateLimiter
+    scheduler: Scheduler | None  # None while no model is loaded
+    prompt_ids: Callable[[GenerationRequest], list[int]] | None
+    node: Callable[[int], NodeState]  # admission's view of the node, for a request of this priority rank
+    on_ha_status: Callable[[bytes], None]
+
+
+class Inbox:
+    def __init__(
+        self,
+        capacity: int,
+        wiring: Wiring,
+        journal: Journal,
+        outbox: Outbox,
+        ack: Callable[[int, int], None],
+        counters: Counts,
+    ) -> None:
+        self.wiring = wiring
+        self._queue: queue.Queue[Inbound | None] = queue.Queue(capacity)
+        self._journal = journal
+        self._outbox = outbox
+        self._ack = ack
+        self._counters = counters
+        self._thread = threading.Thread(target=self._run, name="edged-inbox", daemon=True)
+        self._stopping = threading.Event()
+        self.heartbeat = time.monotonic()
+
+    # -- network thread ------------------------------------------------------------------------------
+
+    def put(self, inbound: Inbound) -> None:
+        """Never raises and never does work. A full inbox drops QoS 0 messages (counted); QoS 1 and 2 wait
+        (the broker's in-flight window bounds how many of those can come unacknowledged)."""
+        if self._stopping.is_set():
+            return  # not acknowledged: the broker delivers it again to the next run (persistent session)
+        try:
+            if inbound.envelope.qos == 0:
+                self._queue.put_nowait(inbound)
+            else:
+                self._queue.put(inbound, timeout=30)
+        except queue.Full:
+            self._counters.add("inbox_full_dropped")
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops taking messages; those not yet handled stay unacknowledged, so the broker keeps them."""
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while (inbound := self._queue.get()) is not None:
+            if self._stopping.is_set():
+                break
+            env = inbound.envelope
+            try:
+                self._handle(env)
+            except Exception:  # a bug must cost one message, never the node
+                log.exception("handling a message on %r failed", env.topic[:200])
+                self._counters.add("inbox_errors")
+            finally:
+                self._ack(inbound.mid, env.qos)
+                self.heartbeat = time.monotonic()
+
+    # -- one message ---------------------------------------------------------------------------------
+
+    def _handle(self, env: Envelope) -> None:
+        w = self.wiring
+        d = w.defaults
+        if env.topic == f"{d.homeassistant_prefix}/status":
+            w.on_ha_status(env.payload)
+            return
+        if env.retained:  # a retained question would be asked again at every restart
+            self._counters.add("retained_ignored")
+            log.warning("ignored a retained message on %s (clear it with an empty retained publish)", env.topic)
+            return
+        if env.topic == d.topic("cancel") or env.topic.startswith(d.topic("cancel") + "/"):
+            self._cancel(env)
+            return
+        self._counters.add("received")
+        parsed = protocol.parse(env, d)
+        if isinstance(parsed, Refusal):
+            self._refuse(parsed.id, parsed.identity, parsed.route, parsed.error)
+            return
+        request = parsed
+        seen = self._journal.seen(request.identity.key, request.id, w.dedupe_window_s)
+        if seen is not None:
+            self._counters.add("duplicates")
+            if seen.reply is not None:  # answered before: the same final reply, on this request's route
+                self._counters.add("replies_resent")
+                self._outbox.send(request.route, seen.reply)
+            log.info("repeated id %s (%s)", request.id, seen.state, extra={"request_id": request.id})
+            return
+        try:
+            error = refusal(request.identity.name, w.limiter.admit(request.identity.key), w.node(request.priority_rank))
+            if error is not None:
+                raise error
+            assert w.scheduler is not None and w.prompt_ids is not None
+            prompt_ids = w.prompt_ids(request.generation)
+        except EdgedError as exc:
+            self._refuse(request.id, request.identity, request.route, exc)
+            return
+        self._journal.record(request.identity.key, request.id, env)
+        try:
+            w.scheduler.submit(request, prompt_ids)
+        except EdgedError as exc:  # shutting down between the check and here: answered, never lost
+            self._outbox.failed(request, exc)
+
+    def _cancel(self, env: Envelope) -> None:
+        w = self.wiring
+        try:
+            identity, request_id = protocol.parse_cancel(env, w.defaults)
+        except InvalidRequest as exc:
+            self._counters.add("cancel_invalid")
+            log.info("cancel on %s refused: %s", env.topic[:200], exc.message)
+            return
+        if w.scheduler is None or not w.scheduler.cancel(identity, request_id):
+            self._counters.add("cancel_unmatched")
+
+    def _refuse(self, request_id: str, identity: Identity, route: Route, exc: EdgedError) -> None:
+        self._counters.add(f"error.{exc.code}")
+        if isinstance(exc, InvalidRequest):
+            self._counters.add("invalid")
+        log.info(
+            "request %s from %r refused: %s: %s",
+            request_id,
+            identity.name[:200],
+            exc.code,
+            exc.message,
+            extra={"request_id": request_id, "code": exc.code},
+        )
+        self._outbox.refuse(request_id, route, exc)
+
+    # -- the journal of an earlier run ---------------------------------------------------------------
+
+    def replay(self, rows: list[Unfinished]) -> None:
+        """Finishes what an earlier run accepted: re-sends stored replies, re-runs or expires the rest.
+
+        A request that was already taken up by MAX_ATTEMPTS starts is answered ``internal``: whatever it does
+        to the node, it cannot crash it in a loop.
+        """
+        w = self.wiring
+        for row in rows:
+            route = Route(row.reply_topic or "", row.envelope.qos, row.envelope.correlation)
+            if row.reply is not None and row.reply_topic is not None:
+                self._outbox.restore(row.key, row.id, route, row.reply)
+                continue
+            self._journal.attempt(row.key, row.id)
+            parsed = protocol.parse(row.envelope, w.defaults)
+            identity = Identity(row.key[1:], row.key.startswith("@"))
+            stand_in = _stand_in(row.id, identity, parsed.route)
+            log.info("replaying journaled request %s", row.id, extra={"request_id": row.id})
+            try:
+                if row.attempts >= MAX_ATTEMPTS:
+                    raise Internal(f"this request was interrupted {row.attempts} times; it is not tried again")
+                if isinstance(parsed, Refusal):
+                    raise parsed.error
+                request = replace(parsed, id=row.id, identity=identity)
+                if w.scheduler is None or w.prompt_ids is None:
+                    raise ModelUnavailable("no model is loaded on this node", retry_after_s=60)
+                if time.time() >= request.deadline_at:
+                    self._outbox.ended(request, "deadline")
+                    continue
+                w.scheduler.submit(request, w.prompt_ids(request.generation), force=True)
+            except EdgedError as exc:
+                self._outbox.failed(stand_in, exc)
+
+
+def _stand_in(request_id: str, identity: Identity, route: Route) -> Request:
+    """A request carrying only its id, identity and route, for answering one that cannot run."""
+    return Request(request_id, identity, route, GenerationRequest(messages=()), False, "normal", 0.0, 0.0)

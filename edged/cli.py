@@ -175,7 +175,20 @@ def _ask_mqtt(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     streaming = args.stream and not args.json
-    with AskClient(broker, node, prefix=config.topic_prefix, password=config.broker.password) as client:
+    b = config.broker
+    with AskClient(
+        broker,
+        node,
+        prefix=config.topic_prefix,
+        password=b.password,
+        client=args.client,
+        persistent=args.persistent,
+        # the session outlives this ask (close() ends it); a killed `edged ask` leaves it this long at most
+        session_expiry_s=int(args.timeout) + 60,
+        ca_file=b.ca_file,
+        cert_file=b.cert_file,
+        key_file=b.key_file,
+    ) as client:
         reply = client.ask(
             args.question, timeout_s=args.timeout, on_delta=show if streaming else None, max_tokens=args.max_tokens
         )
@@ -314,6 +327,12 @@ def _parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--node", help="the node to ask (default: this host's node id)")
     target.add_argument("--fleet", action="store_true", help="ask whichever node is free")
+    p.add_argument("--client", help="who is asking: one topic level of A-Z a-z 0-9 _ - (default: the broker user)")
+    p.add_argument(
+        "--persistent",
+        action="store_true",
+        help="keep the MQTT session while the broker restarts, so the answer still arrives (one per --client)",
+    )
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help="print the final reply as JSON")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -40,6 +41,7 @@ class BrokerConfig:
     keepalive_s: int = 30
     session_expiry_s: int = 86400  # how long the broker keeps our subscriptions and queued requests
     local_port: int = LOCAL_BROKER_PORT  # port of the private broker when url is empty
+    allow_plaintext_password: bool = False  # let a password travel unencrypted (mqtt://) to another host
 
     @property
     def host(self) -> str:
@@ -167,7 +169,25 @@ def validate(config: Config) -> Config:
         parts = urlsplit(config.broker.url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError(f"broker.url {config.broker.url!r} must look like mqtt://[user@]host[:port]")
+        credentials = bool(parts.username or parts.password or config.broker.password)
+        plaintext = parts.scheme == "mqtt" and not _loopback(parts.hostname)
+        if credentials and plaintext and not config.broker.allow_plaintext_password:
+            who = f"the login of user {parts.username!r}" if parts.username else "the broker password"
+            raise ConfigError(
+                f"broker.url mqtt://{parts.hostname} would send {who} unencrypted to a host that is not "
+                "loopback: use mqtts:// or set broker.allow_plaintext_password = true"
+            )
     return config
+
+
+def _loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> Config:

@@ -30,7 +30,7 @@ def test_flags_override_environment_which_overrides_the_file(tmp_path: Path) -> 
 def test_password_comes_from_the_systemd_credential(tmp_path: Path) -> None:
     (tmp_path / "broker-password").write_text("s3cret\n")
     config = load(
-        write(tmp_path, '[broker]\nurl = "mqtt://kiosk@host"\n'), {"CREDENTIALS_DIRECTORY": str(tmp_path)}, {}
+        write(tmp_path, '[broker]\nurl = "mqtts://kiosk@host"\n'), {"CREDENTIALS_DIRECTORY": str(tmp_path)}, {}
     )
     assert config.broker.password == "s3cret" and config.broker.username == "kiosk"
 

@@ -127,7 +127,10 @@ class Inbox:
         seen = self._journal.seen(request.identity.key, request.id, w.dedupe_window_s)
         if seen is not None:
             self._counters.add("duplicates")
-            if seen.reply is not None:  # answered before: the same final reply, on this request's route
+            if env.redelivered:  # the broker sending the same message again: its reply is the outbox's already
+                log.info("redelivery of %s (%s) ignored", request.id, seen.state, extra={"request_id": request.id})
+                return
+            if seen.reply is not None:  # a retry, answered before: the same final reply, on this request's route
                 self._counters.add("replies_resent")
                 self._outbox.send(request.route, seen.reply)
             log.info("repeated id %s (%s)", request.id, seen.state, extra={"request_id": request.id})

@@ -222,6 +222,7 @@ class Link:
                 payload=bytes(msg.payload),
                 qos=msg.qos,
                 retained=bool(msg.retain),
+                redelivered=bool(msg.dup),
                 response_topic=getattr(props, "ResponseTopic", None) or None,
                 correlation=getattr(props, "CorrelationData", None),
                 content_type=getattr(props, "ContentType", None),

@@ -60,6 +60,7 @@ class Envelope:
     payload: bytes
     qos: int
     retained: bool = False
+    redelivered: bool = False  # the broker's DUP flag: the same message again, not a client's retry
     response_topic: str | None = None  # MQTT v5 Response Topic
     correlation: bytes | None = None  # MQTT v5 Correlation Data
     content_type: str | None = None

@@ -11,10 +11,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,10 +81,55 @@ def received(sock: socket.socket, seconds: float) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class Datagram:
+    """One sd_notify datagram as the test's notify socket received it."""
+
+    at_s: float  # time.monotonic() on arrival
+    lines: tuple[str, ...]
+    log: str  # the daemon's log as it stood on arrival: every line in it was written before the datagram was sent
+
+
+class UntilReady:
+    """Reads the notify socket on a thread, from before the daemon starts until READY=1 arrives."""
+
+    def __init__(self, sock: socket.socket, log: Path) -> None:
+        self.datagrams: list[Datagram] = []
+        self._sock, self._log = sock, log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            at_s = time.monotonic()
+            log = self._log.read_text() if self._log.exists() else ""
+            self.datagrams.append(Datagram(at_s, tuple(data.decode().splitlines()), log))
+            if "READY=1" in self.datagrams[-1].lines:
+                return
+
+    def ready(self, timeout_s: float) -> Datagram:
+        self._thread.join(timeout_s)
+        found = next((d for d in self.datagrams if "READY=1" in d.lines), None)
+        assert found is not None, f"no READY=1 within {timeout_s} s: {[d.lines for d in self.datagrams]}"
+        return found
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 @pytest.mark.model
 def test_ready_after_warm_up_and_watchdog_only_while_the_worker_moves(
     broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path: Path, notify_socket: socket.socket
 ) -> None:
+    """READY=1 tells systemd (and every unit ordered after edged) that the node answers now: it must follow the
+    model's warm-up generation and the retained online status, not merely be sent. A frozen worker stops the
+    watchdog keep-alives, so systemd restarts a hung node."""
     sysfs.pi4(tmp_path / "board", temp_mc=55_000, throttled="0x0")
     node = Node(
         tmp_path / "node",
@@ -92,15 +140,27 @@ def test_ready_after_warm_up_and_watchdog_only_while_the_worker_moves(
         sysfs_root=str(tmp_path / "board"),
         stop_grace_s=1.0,
     )
-    node.start(
-        broker.port,
-        env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000", "EDGED_FAULT": "freeze-worker"},
-    )
+    statuses: list[tuple[float, dict[str, object]]] = []
+    watcher = Listener(broker.port)  # subscribed before the daemon starts: every status it publishes is seen
+    watcher.client.on_message = lambda _c, _u, m: statuses.append((time.monotonic(), json.loads(m.payload)))
+    watcher.subscribe("edged/wd/status")
+    notifications = UntilReady(notify_socket, node.log)
     try:
-        lines = received(notify_socket, 1.5)
-        assert "READY=1" in lines
-        log = node.log.read_text()
-        assert "model smollm2-135m-instruct loaded" in log, "READY=1 only after the model is loaded and warmed up"
+        node.start(
+            broker.port,
+            env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000", "EDGED_FAULT": "freeze-worker"},
+        )
+        ready = notifications.ready(30)
+        # The model is logged as loaded once its warm-up generation has run: READY=1 must not overtake that line.
+        assert "model smollm2-135m-instruct loaded" in ready.log, f"READY=1 came before the warm-up:\n{ready.log}"
+        deadline = time.monotonic() + 10  # node.start saw the status on its own client: this one may lag a little
+        while not (online := [at_s for at_s, body in statuses if body.get("state") == "online"]):
+            assert time.monotonic() < deadline, f"no online status: {statuses}"
+            time.sleep(0.01)
+        # The status travels through the broker, READY=1 through a local socket: slack for that route, no more.
+        assert online[0] <= ready.at_s + 0.25, f"READY=1 came {online[0] - ready.at_s:.2f} s before the online status"
+
+        lines = [line for d in notifications.datagrams for line in d.lines] + received(notify_socket, 1.5)
         assert lines.count("WATCHDOG=1") >= 3
         assert any(line.startswith("STATUS=online; governor normal") and "55.0 C" in line for line in lines)
 
@@ -110,7 +170,10 @@ def test_ready_after_warm_up_and_watchdog_only_while_the_worker_moves(
         received(notify_socket, 1.0)  # the heartbeat goes stale within one watchdog interval
         assert "WATCHDOG=1" not in received(notify_socket, 1.5)
     finally:
-        node.kill()
+        notifications.close()
+        watcher.close()
+        if node.proc is not None:
+            node.kill()
 
 
 @pytest.mark.model
@@ -166,7 +229,7 @@ def test_sighup_swaps_the_model_without_losing_queued_requests(
             assert time.monotonic() < deadline
             lines += received(notify_socket, 0.5)
         lst.publish("edged/hup/cancel", json.dumps({"id": "h-run"}))  # h-q1 and h-q2 waited through the swap
-        replies = {}
+        replies: dict[str, dict[str, Any]] = {}
         while len(replies) < 3:
             msg = lst.next(120)
             body = json.loads(msg.payload)

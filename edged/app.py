@@ -36,6 +36,7 @@ from edged.systemd import notify, setup_logging
 log = logging.getLogger("edged")
 _PRUNE_INTERVAL_S = 600
 _INBOX_CAPACITY = 256
+_FIRST_CONNECT_S = 5.0  # READY=1 waits this long for the broker, so "ready" means connected when it can
 # Settings that only a restart changes; a reload keeps the running values.
 _FIXED = ("node_id", "topic_prefix", "state_dir", "sysfs_root", "metrics_port", "broker", "homeassistant_prefix")
 
@@ -143,6 +144,8 @@ class App:
             self.metrics.start()
         log.info("sensors: %s", {k: v for k, v in self.sensors.found().items() if v})
         self.link.start()
+        if not self.link.connected.wait(_FIRST_CONNECT_S):
+            log.warning("no broker connection within %.0f s; serving once it comes", _FIRST_CONNECT_S)
         self.inbox.replay(self.journal.unfinished())  # before new messages: their replies are owed first
         self.inbox.start()
         if self.scheduler is not None:

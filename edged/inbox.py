@@ -90,8 +90,13 @@ class Inbox:
         self._thread.join(10)
 
     def _run(self) -> None:
-        while (inbound := self._queue.get()) is not None:
-            if self._stopping.is_set():
+        while not self._stopping.is_set():
+            self.heartbeat = time.monotonic()  # moves while idle too: the watchdog sees a live inbox
+            try:
+                inbound = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if inbound is None or self._stopping.is_set():
                 break
             env = inbound.envelope
             try:
@@ -101,7 +106,6 @@ class Inbox:
                 self._counters.add("inbox_errors")
             finally:
                 self._ack(inbound.mid, env.qos)
-                self.heartbeat = time.monotonic()
 
     # -- one message ---------------------------------------------------------------------------------
 

@@ -295,15 +295,15 @@ def test_mosquitto_drop_in_and_acl(smollm2_dirs: dict[str, Path], tmp_path: Path
         broker_password_file=str(tmp_path / "pw"),
     )
     node.start(own.port, auth=("edged", "node-pw"))
-    kiosk = Listener(own.port, "edged/acl/answer/#", "edged/acl/telemetry", auth=("kiosk1", "kiosk-pw"))
+    kiosk = Listener(own.port, "edged/acl/answer/kiosk1/#", "edged/acl/telemetry", auth=("kiosk1", "kiosk-pw"))
     try:
         kiosk.publish("edged/acl/status", json.dumps({"state": "offline"}))  # denied: no effect
-        kiosk.publish("edged/acl/ask", json.dumps({"id": "acl-1", "prompt": "Say hi", "max_tokens": 3}))
+        kiosk.publish("edged/acl/ask/kiosk1", json.dumps({"id": "acl-1", "prompt": "Say hi", "max_tokens": 3}))
         topics = []
         while True:
             msg = kiosk.next(10)
             topics.append(msg.topic)
-            if msg.topic == "edged/acl/answer/acl-1":
+            if msg.topic == "edged/acl/answer/kiosk1/acl-1":
                 break
         assert "edged/acl/telemetry" not in topics
         status = Listener(own.port, "edged/acl/status", auth=("edged", "node-pw")).json()

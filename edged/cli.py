@@ -247,6 +247,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(_models_dir(args), args.model, quick=args.quick, as_json=args.json, threads=args.threads)
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from edged.soak import run
+
+    return run(_models_dir(args), args.model, quick=args.quick, as_json=args.json, only=args.scenario or None)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,6 +314,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     models_dir_arg(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("soak", help="real daemons and Mosquitto under faults; exit 1 when a reply is lost or doubled")
+    p.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--scenario", action="append", help="run only this scenario (repeatable): load, broker, ...")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("config", help="configuration")
     csub = p.add_subparsers(dest="config_command", required=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +13,14 @@ import numpy.typing as npt
 from edged.errors import InvalidRequest
 
 Logits = npt.NDArray[np.float32]
+Probs = npt.NDArray[np.float64]
+
+# Below 0.01 sampling is argmax in all but name, and logits / temperature overflows float32 (1e-300 became
+# 0 and then NaN probabilities); 0 asks for greedy outright.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0
+MAX_REPEAT_PENALTY = 10.0  # llama.cpp's useful range ends near 1.5; past 10 every seen token is simply banned
+SEED_LIMIT = 2**63  # seeds are stored and echoed as signed 64-bit integers
 
 # llama.cpp's default window: only the last 64 tokens (prompt included) are penalised.
 REPEAT_WINDOW = 64
@@ -30,14 +40,27 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.temperature <= 2.0:
-            raise InvalidRequest(f"temperature must be between 0 and 2, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be 0 (off) or a positive integer, got {self.top_k}")
+        for name in ("temperature", "top_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise InvalidRequest(
+                f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "
+                f"got {self.temperature}"
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be 0 (off) or a positive integer, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repeat_penalty < 1.0:
-            raise InvalidRequest(f"repeat_penalty must be >= 1, got {self.repeat_penalty}")
+        if not 1.0 <= self.repeat_penalty <= MAX_REPEAT_PENALTY:
+            raise InvalidRequest(
+                f"repeat_penalty must be between 1 (off) and {MAX_REPEAT_PENALTY:g}, got {self.repeat_penalty}"
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or not 0 <= self.seed < SEED_LIMIT
+        ):
+            raise InvalidRequest(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
 
 
 def apply_repeat_penalty(logits: Logits, recent: Sequence[int], penalty: float) -> Logits:
@@ -46,20 +69,24 @@ def apply_repeat_penalty(logits: Logits, recent: Sequence[int], penalty: float) 
         return logits
     out = logits.copy()
     seen = np.unique(np.asarray(recent, dtype=np.int64))
-    values = out[seen]
-    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    values = out[seen].astype(np.float64)
+    shrunk = np.where(values > 0, values / penalty, values * penalty)
+    limit = np.finfo(np.float32).max  # a huge finite logit times the penalty stays finite; -inf stays masked
+    out[seen] = np.where(np.isinf(values), values, np.clip(shrunk, -limit, limit))
     return out
 
 
-def softmax(logits: Logits) -> Logits:
-    shifted = np.exp(logits - logits.max())
-    probs: Logits = (shifted / shifted.sum()).astype(np.float32)
+def softmax(logits: npt.NDArray[np.floating]) -> Probs:
+    """In float64: with a finite max, the sum is at least 1, so no division by zero or NaN."""
+    x = logits.astype(np.float64)
+    shifted = np.exp(x - x.max())
+    probs: Probs = shifted / shifted.sum()
     return probs
 
 
-def candidate_probs(logits: Logits, params: SamplingParams) -> tuple[npt.NDArray[np.int64], Logits]:
+def candidate_probs(logits: Logits, params: SamplingParams) -> tuple[npt.NDArray[np.int64], Probs]:
     """Token ids still allowed after temperature, top-k and top-p, with their renormalised probabilities."""
-    scaled = logits / np.float32(params.temperature)
+    scaled = logits.astype(np.float64) / params.temperature
     ids: npt.NDArray[np.int64] = np.arange(scaled.size, dtype=np.int64)
     if 0 < params.top_k < scaled.size:
         ids = np.argpartition(scaled, -params.top_k)[-params.top_k :].astype(np.int64)
@@ -69,7 +96,7 @@ def candidate_probs(logits: Logits, params: SamplingParams) -> tuple[npt.NDArray
     return ids, probs / probs.sum()
 
 
-def _nucleus(ids: npt.NDArray[np.int64], probs: Logits, top_p: float) -> tuple[npt.NDArray[np.int64], Logits]:
+def _nucleus(ids: npt.NDArray[np.int64], probs: Probs, top_p: float) -> tuple[npt.NDArray[np.int64], Probs]:
     """Smallest set of most likely tokens whose mass reaches ``top_p``."""
     probe = ids.size
     if ids.size > _NUCLEUS_PROBE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edged.errors import InvalidRequest, ModelUnavailable, TooLong
@@ -124,3 +125,27 @@ def test_bad_input_gets_a_specific_error(
 def test_missing_model_says_how_to_build_it(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailable, match="edged model build"):
         Engine(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 64])
+def test_chunked_prefill_gives_the_same_greedy_answer_as_one_pass(tiny: Path, chunk_tokens: int) -> None:
+    """Prefill in chunks (for bounded memory) must not change a single token of a long prompt's answer."""
+    request = ask("Tomatoes wilt in hot weather; water them early in the morning. " * 9, max_tokens=40)
+    one_pass = Engine(tiny, threads=1, prefill_chunk_tokens=1000)
+    chunked = Engine(tiny, threads=1, prefill_chunk_tokens=chunk_tokens)
+    prompt_tokens = len(one_pass.prompt_ids(request))
+    assert 150 < prompt_tokens < 256 - 40, "the prompt must span many chunks and fit the tiny context"
+    expected = one_pass.complete(request)
+    result = chunked.complete(request)
+    assert len(expected.token_ids) == 40
+    assert result.token_ids == expected.token_ids
+
+
+def test_scoring_a_sequence_in_pieces_matches_one_pass(engine: Engine) -> None:
+    """``forward`` on a cache that has to grow (as evaluation uses it) gives the one-pass logits."""
+    ids = engine.tokenizer.encode("Water boils at 100 degrees Celsius. " * 4)
+    whole = engine.session.forward(ids, engine.session.new_cache())
+    cache = engine.session.new_cache(capacity=5)
+    pieces = [engine.session.forward(ids[a:b], cache) for a, b in ((0, 5), (5, 6), (6, len(ids)))]
+    np.testing.assert_allclose(np.concatenate(pieces), whole, atol=1e-4)
+    assert cache.length == len(ids)

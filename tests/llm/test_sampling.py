@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -58,9 +60,67 @@ def test_same_seed_same_choices() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"temperature": -0.1}, {"temperature": 2.5}, {"top_k": -1}, {"top_p": 0.0}, {"repeat_penalty": 0.5}],
+    ("kwargs", "words"),
+    [
+        ({"temperature": -0.1}, "temperature must be 0 .greedy. or between 0.01 and 2"),
+        ({"temperature": 2.5}, "temperature must be 0 .greedy. or between 0.01 and 2"),
+        ({"temperature": 1e-300}, "temperature must be 0 .greedy. or between 0.01 and 2"),  # was NaN probs
+        ({"temperature": 0.009}, "temperature must be 0 .greedy. or between 0.01 and 2"),
+        ({"temperature": math.nan}, "temperature must be a finite number"),
+        ({"temperature": math.inf}, "temperature must be a finite number"),
+        ({"temperature": "hot"}, "temperature must be a finite number"),
+        ({"top_k": -1}, "top_k must be 0 .off. or a positive integer"),
+        ({"top_k": 2.5}, "top_k must be 0 .off. or a positive integer"),
+        ({"top_k": True}, "top_k must be 0 .off. or a positive integer"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": math.nan}, "top_p must be a finite number"),
+        ({"top_p": -math.inf}, "top_p must be a finite number"),
+        ({"repeat_penalty": 0.5}, "repeat_penalty must be between 1 .off. and 10"),
+        ({"repeat_penalty": 10.5}, "repeat_penalty must be between 1 .off. and 10"),
+        ({"repeat_penalty": math.nan}, "repeat_penalty must be a finite number"),  # NaN slipped past `< 1`
+        ({"repeat_penalty": math.inf}, "repeat_penalty must be a finite number"),
+        ({"seed": -1}, r"seed must be an integer from 0 to 2\*\*63 - 1"),
+        ({"seed": 2**63}, r"seed must be an integer from 0 to 2\*\*63 - 1"),
+        ({"seed": 1.5}, r"seed must be an integer from 0 to 2\*\*63 - 1"),
+        ({"seed": False}, r"seed must be an integer from 0 to 2\*\*63 - 1"),
+    ],
 )
-def test_out_of_range_parameters_are_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(InvalidRequest):
+def test_out_of_range_parameters_are_refused_with_the_allowed_range(kwargs: dict[str, object], words: str) -> None:
+    """Each of these once reached the sampler and failed as `internal` (NaN probabilities, numpy errors)."""
+    with pytest.raises(InvalidRequest, match=words):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+EDGES = [
+    SamplingParams(temperature=0.01, seed=0),
+    SamplingParams(temperature=2.0, seed=2**63 - 1),
+    SamplingParams(temperature=0.01, top_k=10**12, top_p=1e-9, repeat_penalty=10.0, seed=5),
+    SamplingParams(temperature=2.0, top_k=1, repeat_penalty=10.0),
+    SamplingParams(),
+]
+EXTREME_LOGITS = [
+    np.array([3e38, -3e38, 0.0, 1e-45, 3e38], dtype=np.float32),  # float32's ends: overflow when scaled
+    np.array([-np.inf, 5.0, -np.inf, -3e38], dtype=np.float32),  # masked tokens
+    np.full(49152, -12.5, dtype=np.float32),  # a flat vocabulary the size of SmolLM2's
+]
+
+
+@pytest.mark.parametrize("params", EDGES)
+@pytest.mark.parametrize("logits", EXTREME_LOGITS, ids=["float32-ends", "masked", "flat"])
+def test_every_accepted_parameter_set_picks_a_real_token(params: SamplingParams, logits: np.ndarray) -> None:
+    """The edges of the accepted ranges on the most hostile finite logits: a valid id, never NaN or an error."""
+    sampler = Sampler(params)
+    history = [0, 1, 2]
+    for _ in range(5):
+        token = sampler(logits, history)
+        assert 0 <= token < logits.size
+        assert np.isfinite(logits[token]), "a masked (-inf) token was chosen"
+    if params.temperature > 0:
+        _, probs = candidate_probs(logits, params)
+        assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+
+
+def test_huge_top_k_is_the_whole_vocabulary() -> None:
+    ids, _ = candidate_probs(LOGITS, SamplingParams(temperature=1.0, top_k=10**9))
+    assert set(ids.tolist()) == {0, 1, 2, 3, 4}

@@ -124,16 +124,17 @@ class Inbox:
             return
         self._counters.add("received")
         parsed = protocol.parse(env, d)
+        seen = self._journal.seen(parsed.identity.key, parsed.id, w.dedupe_window_s)
+        if seen is not None and env.redelivered:  # the same message again: it was answered or refused already
+            self._counters.add("redeliveries")
+            log.info("redelivery of %s (%s) ignored", parsed.id, seen.state, extra={"request_id": parsed.id})
+            return
         if isinstance(parsed, Refusal):
-            self._refuse(parsed.id, parsed.identity, parsed.route, parsed.error)
+            self._refuse(env, parsed.id, parsed.identity, parsed.route, parsed.error)
             return
         request = parsed
-        seen = self._journal.seen(request.identity.key, request.id, w.dedupe_window_s)
-        if seen is not None:
+        if seen is not None and seen.state != "refused":
             self._counters.add("duplicates")
-            if env.redelivered:  # the broker sending the same message again: its reply is the outbox's already
-                log.info("redelivery of %s (%s) ignored", request.id, seen.state, extra={"request_id": request.id})
-                return
             if seen.reply is not None:  # a retry, answered before: the same final reply, on this request's route
                 self._counters.add("replies_resent")
                 self._outbox.send(request.route, seen.reply)
@@ -146,7 +147,7 @@ class Inbox:
             assert w.scheduler is not None and w.prompt_ids is not None
             prompt_ids = w.prompt_ids(request.generation)
         except EdgedError as exc:
-            self._refuse(request.id, request.identity, request.route, exc)
+            self._refuse(env, request.id, request.identity, request.route, exc)
             return
         self._journal.record(request.identity.key, request.id, env)
         try:
@@ -165,7 +166,7 @@ class Inbox:
         if w.scheduler is None or not w.scheduler.cancel(identity, request_id):
             self._counters.add("cancel_unmatched")
 
-    def _refuse(self, request_id: str, identity: Identity, route: Route, exc: EdgedError) -> None:
+    def _refuse(self, env: Envelope, request_id: str, identity: Identity, route: Route, exc: EdgedError) -> None:
         self._counters.add(f"error.{exc.code}")
         if isinstance(exc, InvalidRequest):
             self._counters.add("invalid")
@@ -177,7 +178,9 @@ class Inbox:
             exc.message,
             extra={"request_id": request_id, "code": exc.code},
         )
-        self._outbox.refuse(request_id, route, exc)
+        payload = protocol.error(request_id, exc, node=self.wiring.defaults.node)
+        self._journal.refused(identity.key, request_id, env, payload)
+        self._outbox.send(route, payload)
 
     # -- the journal of an earlier run ---------------------------------------------------------------
 

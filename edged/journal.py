@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS requests (
     correlation BLOB,
     content_type TEXT,
     received_at REAL NOT NULL,
-    state TEXT NOT NULL,            -- queued, replied, done
+    state TEXT NOT NULL,            -- queued, replied, done; or refused (an error reply, not kept for retries)
     attempts INTEGER NOT NULL DEFAULT 0,
     reply_topic TEXT,
     reply BLOB,
@@ -93,7 +93,7 @@ class Journal:
             row = self._db.execute(
                 "SELECT state, reply, received_at FROM requests WHERE identity = ? AND id = ?", (key, request_id)
             ).fetchone()
-        if row is None or (row[0] == "done" and row[2] < time.time() - window_s):
+        if row is None or (row[0] in ("done", "refused") and row[2] < time.time() - window_s):
             return None
         return Seen(row[0], row[1], row[2])
 
@@ -121,6 +121,20 @@ class Journal:
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
 
+    def refused(self, key: str, request_id: str, env: Envelope, reply: bytes) -> None:
+        """Notes an error reply, so that the broker redelivering the same message is not taken as new.
+
+        A client's own retry of a refused id is welcome (``busy`` passes): only redeliveries consult this.
+        A row the (key, id) already has, an accepted request's above all, is left as it is.
+        """
+        row = (key, request_id, env.topic, env.qos, env.received_at, reply, time.time())
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO requests (identity, id, topic, payload, qos, received_at, state, reply,"
+                " finished_at) VALUES (?, ?, ?, x'', ?, ?, 'refused', ?, ?)",
+                row,
+            )
+
     def replied(self, key: str, request_id: str, topic: str, reply: bytes) -> None:
         with self._lock:
             self._db.execute(
@@ -147,7 +161,7 @@ class Journal:
         with self._lock:
             rows = self._db.execute(
                 "SELECT identity, id, topic, payload, qos, response_topic, correlation, content_type, received_at,"
-                " attempts, reply_topic, reply FROM requests WHERE state != 'done' ORDER BY received_at"
+                " attempts, reply_topic, reply FROM requests WHERE state IN ('queued', 'replied') ORDER BY received_at"
             ).fetchall()
         return [
             Unfinished(
@@ -178,8 +192,8 @@ class Journal:
         """Drops finished entries older than ``keep_s`` or beyond the newest ``keep``."""
         with self._lock:
             cur = self._db.execute(
-                "DELETE FROM requests WHERE state = 'done' AND (finished_at < ? OR rowid NOT IN"
-                " (SELECT rowid FROM requests WHERE state = 'done' ORDER BY finished_at DESC LIMIT ?))",
+                "DELETE FROM requests WHERE state IN ('done', 'refused') AND (finished_at < ? OR rowid NOT IN"
+                " (SELECT rowid FROM requests WHERE state IN ('done', 'refused') ORDER BY finished_at DESC LIMIT ?))",
                 (time.time() - keep_s, keep),
             )
             return cur.rowcount

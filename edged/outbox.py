@@ -108,9 +108,6 @@ class Outbox:
         """A reply outside the journal: a refusal, or a stored reply sent again to a retried id."""
         self._put(_Send(route, payload))
 
-    def refuse(self, request_id: str, route: Route, exc: EdgedError) -> None:
-        self.send(route, protocol.error(request_id, exc, node=self._node))
-
     # -- the link's (network thread) ----------------------------------------------------------------
 
     def published(self, mid: int, failure: str | None) -> None:

@@ -213,10 +213,11 @@ def parse(env: Envelope, defaults: Defaults) -> Request | Refusal:
     body_error: EdgedError | None = topic_error
     try:
         if _looks_like_json(env):
-            value = load_json(env.payload)
+            value = _decode_json(env.payload)
             if not isinstance(value, dict):
                 raise InvalidRequest('a JSON request must be an object like {"prompt": "..."}')
-            fields = value
+            fields = value  # its id and reply route still serve the error reply if the checks below fail
+            _check_json(value, 1)
         else:
             fields = {"prompt": _utf8(env.payload)}
     except EdgedError as exc:
@@ -225,8 +226,8 @@ def parse(env: Envelope, defaults: Defaults) -> Request | Refusal:
     request_id = (raw_id if isinstance(raw_id, str) and _ID.fullmatch(raw_id) else None) or correlation_id or new_id()
     asked_topic = env.response_topic or (reply_to if isinstance(reply_to, str) else None)
     if not identity.scoped:
-        name = named if isinstance(named, str) and named else None
-        identity = Identity(name or asked_topic or defaults.answer_topic(identity, request_id), False)
+        name = next((n for n in (named, asked_topic) if isinstance(n, str) and n and not _SURROGATES.search(n)), None)
+        identity = Identity(name or defaults.answer_topic(identity, request_id), False)
     route, problem = _route(env, asked_topic, identity, request_id, defaults)
     try:
         if body_error is not None:
@@ -327,6 +328,12 @@ def _no_constant(text: str) -> float:
 def load_json(payload: bytes) -> Any:
     """JSON within bounds: UTF-8, at most MAX_JSON_DEPTH levels, int64-sized integers, finite numbers, and no
     lone surrogate escapes in keys or strings. InvalidRequest, with the reason, otherwise."""
+    value = _decode_json(payload)
+    _check_json(value, 1)
+    return value
+
+
+def _decode_json(payload: bytes) -> Any:
     text = _utf8(payload)
     try:
         value = json.loads(text, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant)
@@ -336,7 +343,6 @@ def load_json(payload: bytes) -> Any:
         raise InvalidRequest(str(exc)) from None
     except ValueError as exc:
         raise InvalidRequest(f"the payload is not valid JSON: {exc}") from None
-    _check_json(value, 1)
     return value
 
 

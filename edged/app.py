@@ -80,6 +80,15 @@ class App:
             on_connect=self._connected,
             on_published=lambda mid, failure: self.outbox.published(mid, failure),
         )
+        # The fleet's shared subscription on a connection of its own whose session ends with it: a node that
+        # dies gives up its share at once instead of absorbing fleet work for its whole session expiry.
+        self.fleet_link = Link(
+            broker_config,
+            client_id=f"{broker_config.client_id or f'edged-{config.node_id}'}-fleet",
+            will=None,
+            on_message=lambda inbound: self.inbox.put(inbound),
+            persistent=False,
+        )
         self.outbox = Outbox(
             self.journal,
             lambda topic, payload, qos, corr: self.link.publish(topic, payload, qos, correlation=corr),
@@ -87,9 +96,7 @@ class App:
             model=config.model,
             counters=self.counters,
         )
-        self.inbox = Inbox(
-            _INBOX_CAPACITY, self._wiring(config), self.journal, self.outbox, self.link.ack, self.counters
-        )
+        self.inbox = Inbox(_INBOX_CAPACITY, self._wiring(config), self.journal, self.outbox, self.counters)
 
     # -- wiring --------------------------------------------------------------------------------------
 
@@ -144,6 +151,7 @@ class App:
             self.metrics.start()
         log.info("sensors: %s", {k: v for k, v in self.sensors.found().items() if v})
         self.link.start()
+        self.fleet_link.start()
         if not self.link.connected.wait(_FIRST_CONNECT_S):
             log.warning("no broker connection within %.0f s; serving once it comes", _FIRST_CONNECT_S)
         self.inbox.replay(self.journal.unfinished())  # before new messages: their replies are owed first
@@ -190,7 +198,8 @@ class App:
     def _shutdown(self) -> None:
         self.lifecycle = self.lifecycle.stopping()
         notify("STOPPING=1")
-        self.inbox.stop()  # messages not yet handled stay unacknowledged: the broker redelivers them
+        self.fleet_link.stop()  # leave the fleet first: no more of its work comes
+        self.inbox.stop()  # handles what it holds; later messages stay with the broker for the next run
         if self.scheduler is not None:
             self.scheduler.stop(self.config.stop_grace_s)  # queued requests stay journaled for the next run
         self.outbox.drain(5)
@@ -295,15 +304,15 @@ class App:
     def _fleet_membership(self, depth: int) -> None:
         """Leaves the fleet's shared subscriptions while hot, low on power or full; rejoins when healthy."""
         want = in_fleet(self.lifecycle.model_ready, self.limits, depth, self.config.queue_capacity)
-        joined = self.fleet_topics[0] in self.link.subscriptions
+        joined = self.fleet_topics[0] in self.fleet_link.subscriptions
         if want and not joined:
             log.info("joining the fleet")
             for topic in self.fleet_topics:
-                self.link.subscribe(topic)
+                self.fleet_link.subscribe(topic)
         elif not want and joined:
             log.info("leaving the fleet (governor %s, queue %d)", self.lifecycle.governor, depth)
             for topic in self.fleet_topics:
-                self.link.unsubscribe(topic)
+                self.fleet_link.unsubscribe(topic)
 
     # -- what the node publishes about itself --------------------------------------------------------
 

@@ -50,14 +50,12 @@ class Inbox:
         wiring: Wiring,
         journal: Journal,
         outbox: Outbox,
-        ack: Callable[[int, int], None],
         counters: Counts,
     ) -> None:
         self.wiring = wiring
         self._queue: queue.Queue[Inbound | None] = queue.Queue(capacity)
         self._journal = journal
         self._outbox = outbox
-        self._ack = ack
         self._counters = counters
         self._thread = threading.Thread(target=self._run, name="edged-inbox", daemon=True)
         self._stopping = threading.Event()
@@ -84,19 +82,21 @@ class Inbox:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops taking messages; those not yet handled stay unacknowledged, so the broker keeps them."""
+        """Stops taking messages and handles those already handed over (a message of the fleet link, whose
+        session ends with it, would otherwise be lost); later ones stay unacknowledged with the broker."""
         self._stopping.set()
-        self._queue.put(None)
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(30)
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        while True:
             self.heartbeat = time.monotonic()  # moves while idle too: the watchdog sees a live inbox
             try:
                 inbound = self._queue.get(timeout=1.0)
             except queue.Empty:
                 continue
-            if inbound is None or self._stopping.is_set():
+            if inbound is None:
                 break
             env = inbound.envelope
             try:
@@ -105,7 +105,7 @@ class Inbox:
                 log.exception("handling a message on %r failed", env.topic[:200])
                 self._counters.add("inbox_errors")
             finally:
-                self._ack(inbound.mid, env.qos)
+                inbound.ack()
 
     # -- one message ---------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ return codes and exceptions are mapped once (``publish`` returns a message id or
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -38,10 +39,10 @@ def set_nodelay(client: paho.Client) -> None:
 
 @dataclass(frozen=True)
 class Inbound:
-    """A received message: the broker's message id (for the acknowledgement) and what it carried."""
+    """A received message and how to acknowledge it to the broker (once, after it is handled)."""
 
-    mid: int
     envelope: Envelope
+    ack: Callable[[], None]
 
 
 class NotSent(Exception):
@@ -68,18 +69,26 @@ class _Client(paho.Client):
 
 class Link:
     """One MQTT connection. Callbacks run on paho's network thread and only hand over; ``publish`` and
-    ``ack`` are safe from any thread."""
+    ``ack`` are safe from any thread.
+
+    ``persistent``: the broker keeps the session (subscriptions, unacknowledged and queued messages) while
+    the node is away. A session that is not persistent ends with the connection: the node's fleet link, so
+    that a dead node's share of the fleet's shared subscription goes to the live ones at once.
+    """
 
     def __init__(
         self,
         config: BrokerConfig,
         client_id: str,
-        will: tuple[str, bytes],
+        will: tuple[str, bytes] | None,
         on_message: Callable[[Inbound], None],
-        on_connect: Callable[[], None],
-        on_published: Callable[[int, str | None], None],
+        on_connect: Callable[[], None] = lambda: None,
+        on_published: Callable[[int, str | None], None] = lambda _mid, _failure: None,
+        *,
+        persistent: bool = True,
     ) -> None:
         self.v5 = config.protocol == "v5"
+        self.persistent = persistent
         self._config = config
         self._on_message = on_message
         self._on_connect = on_connect
@@ -95,7 +104,7 @@ class Link:
                 CallbackAPIVersion.VERSION2,
                 client_id=client_id,
                 protocol=paho.MQTTv311,
-                clean_session=False,
+                clean_session=not persistent,
                 manual_ack=True,
             )
         if config.username:
@@ -104,7 +113,8 @@ class Link:
             client.tls_set(
                 ca_certs=config.ca_file or None, certfile=config.cert_file or None, keyfile=config.key_file or None
             )
-        client.will_set(will[0], will[1], qos=1, retain=True)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_queued_messages_set(0)
         client.on_connect = self._connected
@@ -116,14 +126,14 @@ class Link:
 
     def start(self) -> None:
         props = None
-        if self.v5:
+        if self.v5 and self.persistent:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._config.session_expiry_s
         self._client.connect_async(
             self._config.host,
             self._config.port,
             keepalive=self._config.keepalive_s,
-            clean_start=False if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_start=not self.persistent if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
         self._client.loop_start()
@@ -232,4 +242,4 @@ class Link:
             log.exception("a message on %r could not be read; acknowledged and dropped", msg._topic[:100])
             self.ack(msg.mid, msg.qos)
             return
-        self._on_message(Inbound(msg.mid, env))
+        self._on_message(Inbound(env, functools.partial(self.ack, msg.mid, msg.qos)))

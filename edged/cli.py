@@ -182,7 +182,7 @@ def _ask_mqtt(args: argparse.Namespace) -> int:
         prefix=config.topic_prefix,
         password=b.password,
         client=args.client,
-        persistent=args.persistent,
+        persistent=not args.clean_session,
         # the session outlives this ask (close() ends it); a killed `edged ask` leaves it this long at most
         session_expiry_s=int(args.timeout) + 60,
         ca_file=b.ca_file,
@@ -343,9 +343,9 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--fleet", action="store_true", help="ask whichever node is free")
     p.add_argument("--client", help="who is asking: one topic level of A-Z a-z 0-9 _ - (default: the broker user)")
     p.add_argument(
-        "--persistent",
+        "--clean-session",
         action="store_true",
-        help="keep the MQTT session while the broker restarts, so the answer still arrives (one per --client)",
+        help="no persistent MQTT session (by default the answer still arrives across a broker restart)",
     )
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help="print the final reply as JSON")

@@ -52,9 +52,9 @@ class AskClient:
     """Asks one node (``node``) or any node of the fleet (``node=None``) over MQTT v5.
 
     ``client`` is the identity the node and the broker's ACL see: default the URL's user name, else a random
-    ``ask-<hex>``. With ``persistent=True`` the broker keeps the session (the reply subscriptions, QoS 1 answers
-    queued for us) for ``session_expiry_s`` while the connection is down, so an answer sent while the broker
-    restarts still arrives. Its MQTT client id is derived from the identity: one persistent client per identity.
+    ``ask-<hex>``. With ``persistent`` (the default) the broker keeps the session (the reply subscriptions, QoS 1
+    answers queued for us) for ``session_expiry_s`` while the connection is down, so an answer sent while the
+    broker restarts still arrives. The MQTT client id is unique per AskClient, so several may share an identity.
     """
 
     def __init__(
@@ -65,7 +65,7 @@ class AskClient:
         prefix: str = "edged",
         password: str = "",
         client: str | None = None,
-        persistent: bool = False,
+        persistent: bool = True,
         session_expiry_s: int = 600,
         ca_file: str = "",
         cert_file: str = "",
@@ -98,7 +98,7 @@ class AskClient:
         self._published: dict[int, str] = {}  # mid of a question in flight -> its reply topic
         self._connack: ReasonCode | None = None
 
-        client_id = f"edged-ask-{identity}" if persistent else f"edged-ask-{identity}-{uuid.uuid4().hex[:8]}"
+        client_id = f"edged-ask-{identity}-{uuid.uuid4().hex[:8]}"
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         if username:
             self._client.username_pw_set(username, password or (unquote(parts.password) if parts.password else None))

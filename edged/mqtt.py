@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edged.config import BrokerConfig
 from edged.protocol import Envelope
@@ -159,7 +160,15 @@ class Link:
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self.subscriptions[topic] = qos
         if self.connected.is_set():
-            self._client.subscribe(topic, qos)
+            self._subscribe(self._client, topic, qos)
+
+    def _subscribe(self, client: paho.Client, topic: str, qos: int) -> None:
+        """v5 asks for Retain As Published: else the broker clears the retain flag of a retained message
+        published while we are subscribed, and a retained question could not be told apart."""
+        if self.v5:
+            client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+        else:
+            client.subscribe(topic, qos)
 
     def unsubscribe(self, topic: str) -> None:
         if self.subscriptions.pop(topic, None) is not None and self.connected.is_set():
@@ -198,7 +207,7 @@ class Link:
             return
         set_nodelay(client)
         for topic, qos in self.subscriptions.items():
-            client.subscribe(topic, qos)
+            self._subscribe(client, topic, qos)
         self.connected.set()
         self._last_failure = ("", 0.0)
         log.info("connected to %s:%s", self._config.host, self._config.port)

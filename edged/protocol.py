@@ -28,7 +28,8 @@ MAX_TOPIC_LEVELS = 16
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # C0 and C1 controls and DEL, which brokers reject in topic names (MQTT 5 section 1.5.4), and Unicode noncharacters.
-_BAD_TOPIC_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff\ud800-\udfff]")
+_NONCHARACTERS = "\ufdd0-\ufdef" + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+_BAD_TOPIC_CHARS = re.compile(f"[\x00-\x1f\x7f-\x9f\ud800-\udfff{_NONCHARACTERS}]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _FIELDS = {
     "id",

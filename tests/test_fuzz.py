@@ -79,9 +79,8 @@ FAST = {
 # -- the contract's topic rules, written out again independently of edged.protocol -----------------
 
 
-def contract_topic_problem(topic: str, *, beyond_bmp: bool = True) -> str | None:
-    """Why CONTRACT.md v1.1 says ``topic`` is not a valid reply topic, or None. ``beyond_bmp=False`` skips the
-    noncharacters U+1FFFE..U+10FFFF, which edged does not refuse yet (see the xfail tests below)."""
+def contract_topic_problem(topic: str) -> str | None:
+    """Why CONTRACT.md v1.1 says ``topic`` is not a valid reply topic, or None."""
     if not topic:
         return "empty"
     if "+" in topic or "#" in topic:
@@ -94,7 +93,7 @@ def contract_topic_problem(topic: str, *, beyond_bmp: bool = True) -> str | None
             return f"control character U+{cp:04X}"
         if 0xD800 <= cp <= 0xDFFF:
             return f"lone surrogate U+{cp:04X}"
-        if 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE == 0xFFFE and (beyond_bmp or cp <= 0xFFFF)):
+        if 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE:
             return f"noncharacter U+{cp:04X}"
     if topic.count("/") + 1 > 16:
         return "more than 16 levels"
@@ -103,9 +102,9 @@ def contract_topic_problem(topic: str, *, beyond_bmp: bool = True) -> str | None
     return None
 
 
-def contract_route_problem(topic: str, identity: Identity, *, beyond_bmp: bool = True) -> str | None:
+def contract_route_problem(topic: str, identity: Identity) -> str | None:
     """Why the node may not reply on ``topic`` for ``identity`` under the default reply_topics, or None."""
-    problem = contract_topic_problem(topic, beyond_bmp=beyond_bmp)
+    problem = contract_topic_problem(topic)
     if problem is not None:
         return problem
     if (topic == "edged" or topic.startswith("edged/")) and not topic.startswith(OWN_ANSWERS):
@@ -388,14 +387,14 @@ def _check_parsed(env: Envelope, result: Request | Refusal) -> None:
     # the route is a valid publish topic, allowed for the identity, by edged's rules and the contract's
     assert protocol.publish_topic_problem(route.topic) is None, route.topic
     assert protocol.reply_topic_problem(route.topic, identity, DEFAULTS) is None, route.topic
-    assert contract_route_problem(route.topic, identity, beyond_bmp=False) is None, route.topic
+    assert contract_route_problem(route.topic, identity) is None, route.topic
     client = scoped_client(env.topic)
     if client is not None:
         assert identity == Identity(client, True), "a scoped identity is the topic's client, never the payload's"
     else:
         assert not identity.scoped
     if env.response_topic:  # the MQTT adapter maps an empty Response Topic to None
-        if contract_route_problem(env.response_topic, identity, beyond_bmp=False) is None:
+        if contract_route_problem(env.response_topic, identity) is None:
             assert route.topic == env.response_topic, "an allowed Response Topic is where the replies go"
         else:
             assert route.topic == DEFAULTS.answer_topic(identity, result.id), "a refused route falls back"
@@ -525,11 +524,6 @@ def test_load_json_refuses_with_invalid_request_or_returns_bounded_json(payload:
 SUPPLEMENTARY_NONCHARACTERS = ["\U0001fffe", "\U0001ffff", "\U0005fffe", "\U0010fffe", "\U0010ffff"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edged bug: protocol._BAD_TOPIC_CHARS lists U+FFFE/U+FFFF but not the noncharacters U+nFFFE/U+nFFFF "
-    "of planes 1-16, which Mosquitto refuses in a topic (Malformed packet, disconnect)",
-)
 @pytest.mark.parametrize(
     "char", SUPPLEMENTARY_NONCHARACTERS, ids=[f"U+{ord(c):X}" for c in SUPPLEMENTARY_NONCHARACTERS]
 )
@@ -1119,11 +1113,6 @@ def test_live_retained_questions_found_at_subscription_are_ignored(
 
 
 @pytest.mark.model
-@pytest.mark.xfail(
-    strict=True,
-    reason="edged bug: the node subscribes without Retain As Published, so Mosquitto forwards a retained "
-    "publish to the online node with retain=0 and inbox.py cannot tell; the request is answered",
-)
 def test_live_retained_question_sent_while_online_gets_no_reply(broker: Mosquitto, node: Node, tap: Tap) -> None:
     """CONTRACT.md v1.1: retained requests on ask topics are ignored, not only those found at subscription;
     a kiosk that sets the retain flag by mistake would otherwise get an answer now and silence after a restart."""
@@ -1157,11 +1146,6 @@ def test_live_retained_question_sent_while_online_gets_no_reply(broker: Mosquitt
 
 
 @pytest.mark.model
-@pytest.mark.xfail(
-    strict=True,
-    reason="edged bug: reply_to 'fuzz/<U+1FFFE>' passes publish_topic_problem; the node publishes it and "
-    "Mosquitto disconnects the node (Malformed packet) instead of the node refusing the route",
-)
 def test_live_reply_to_with_a_supplementary_noncharacter_is_refused(broker: Mosquitto, node: Node) -> None:
     """A v3.1.1 client can name any reply_to; one with U+1FFFE must get invalid_request on the default answer
     topic, and must not cost the node its broker connection."""

@@ -6,6 +6,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -27,9 +28,10 @@ def find_mosquitto() -> str | None:
 class LocalBroker:
     """Mosquitto bound to loopback only, TCP_NODELAY and persistence on, its files under ``state_dir``."""
 
-    def __init__(self, state_dir: Path, port: int) -> None:
+    def __init__(self, state_dir: Path, port: int, *, autosave_s: int = 10) -> None:
         self.dir = state_dir / "broker"
         self.port = port
+        self._autosave_s = autosave_s  # how much a SIGKILLed broker may lose of what it was given
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> None:
@@ -53,7 +55,7 @@ class LocalBroker:
             "set_tcp_nodelay true\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
-            "autosave_interval 10\n"
+            f"autosave_interval {self._autosave_s}\n"
             f"log_dest file {self.dir}/mosquitto.log\n"
         )
         if os.geteuid() == 0:  # mosquitto drops root for user "mosquitto", which must own its files
@@ -80,9 +82,11 @@ class LocalBroker:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: mosquitto saves its persistence file; SIGKILL (the soak's fault) loses what came since the
+        last autosave."""
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()  # SIGTERM: mosquitto saves its persistence file
+            self._proc.send_signal(sig)
             try:
                 self._proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -94,3 +98,10 @@ def _listening(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

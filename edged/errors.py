@@ -53,3 +53,6 @@ class ModelUnavailable(EdgedError):
 
 class Internal(EdgedError):
     code = "internal"
+
+
+CODES = frozenset({EdgedError.code, *(cls.code for cls in EdgedError.__subclasses__())})  # the contract's codes

@@ -16,7 +16,6 @@ import queue
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,13 +34,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edged.broker import find_mosquitto
+from edged.broker import LocalBroker, free_port
+from edged.errors import CODES
 from edged.mqtt import set_nodelay
 
 PREFIX = "edged"
-ERROR_CODES = frozenset(
-    {"invalid_request", "too_long", "busy", "thermal", "power", "rate_limited", "model_unavailable", "internal"}
-)
 PROMPTS = (
     "What is the capital of France?",
     "Name a fruit that is red.",
@@ -397,63 +394,6 @@ class Kiosk:
 # -- real parts: Mosquitto and edged serve --------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-class Broker:
-    """Mosquitto on a free loopback port, persistence on (autosave every second), restarted in place."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = find_mosquitto() or "/usr/sbin/mosquitto"
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-            f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
-            f"log_dest file {self.dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\n"
-            + ("user root\n" if os.geteuid() == 0 else "")
-        )
-        self._binary = binary
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        self.proc = subprocess.Popen(
-            [self._binary, "-c", str(self.conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout_s
-        while not _listening(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not start; see {self.dir}/mosquitto.log")
-            time.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-
 def write_sysfs(root: Path, temp_c: float) -> Path:
     """A Raspberry Pi 4 shaped /sys and /proc; returns the CPU thermal zone's temp file (millidegrees C)."""
     files = {
@@ -496,7 +436,7 @@ def rss_mb(pid: int) -> float | None:
 class Daemon:
     """``edged serve`` as a subprocess with its own config, state dir and Pi-shaped sysfs tree."""
 
-    def __init__(self, workdir: Path, node_id: str, broker: Broker, models_dir: Path, model: str) -> None:
+    def __init__(self, workdir: Path, node_id: str, broker: LocalBroker, models_dir: Path, model: str) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
@@ -656,7 +596,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         s = self.s
         load_start = os.getloadavg()
-        broker = Broker(self.dir / "broker")
+        broker = LocalBroker(self.dir, free_port(), autosave_s=1)
         broker.start()
         names = [f"soak-{chr(ord('a') + i)}" for i in range(s.nodes)]
         daemons = [Daemon(self.dir / name, name, broker, self.models_dir, self.model) for name in names]
@@ -714,7 +654,7 @@ class Run:
         )
         return result
 
-    def _fault(self, fault: str, broker: Broker, daemons: list[Daemon]) -> None:
+    def _fault(self, fault: str, broker: LocalBroker, daemons: list[Daemon]) -> None:
         started = time.monotonic()
         if fault in ("broker-term", "broker-kill"):
             sig = signal.SIGTERM if fault == "broker-term" else signal.SIGKILL
@@ -769,7 +709,7 @@ class Run:
             else:
                 error = first.get("error")
                 code = error.get("code") if isinstance(error, dict) else None
-                if code not in ERROR_CODES or not (isinstance(error, dict) and error.get("message")):
+                if code not in CODES or not (isinstance(error, dict) and error.get("message")):
                     bad_errors += 1
                 refused[str(code)] += 1
             duplicates += len(t.finals) - 1

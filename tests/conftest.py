@@ -10,9 +10,8 @@ import pytest
 
 from edged.build import build_model
 from edged.store import Recipe, default_cache_dir, default_models_dir
-from tests.mqttlab import Mosquitto
+from tests.mqttlab import SMOLLM2, Mosquitto
 
-SMOLLM2 = "smollm2-135m-instruct"
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n'}}{% endfor %}"

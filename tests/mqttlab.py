@@ -22,6 +22,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+SMOLLM2 = "smollm2-135m-instruct"
+# What the contract suites share: a queue of two (so "full" is reachable), a 512-token context, a 4 KB
+# payload cap, and a rate limit that a suite sending many requests does not hit.
+CONTRACT_SETTINGS: dict[str, Any] = {
+    "model": SMOLLM2,
+    "queue_capacity": 2,
+    "context_tokens": 512,
+    "max_payload_bytes": 4096,
+    "rate_limit_per_min": 6000.0,
+    "rate_limit_burst": 500,
+}
 
 
 def free_port() -> int:
@@ -215,3 +226,8 @@ class Node:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+
+
+def contract_node(workdir: Path, broker: Mosquitto, models_dir: Path, node_id: str = "pi", **settings: Any) -> Node:
+    """A started `edged serve` with the real model and CONTRACT_SETTINGS (``settings`` override them)."""
+    return Node(workdir, broker.url, node_id, models_dir, **{**CONTRACT_SETTINGS, **settings}).start(broker.port)

@@ -27,8 +27,7 @@ from paho.mqtt.properties import Properties
 from edged import protocol
 from edged.errors import InvalidRequest
 from edged.protocol import Defaults, Envelope, Identity, Refusal, Request
-from tests.conftest import SMOLLM2
-from tests.mqttlab import Listener, Mosquitto, Node
+from tests.mqttlab import Listener, Mosquitto, Node, contract_node
 
 # The contract's error codes (CONTRACT.md, Replies); parsing alone can only produce the first two.
 CODES = {"invalid_request", "too_long", "busy", "thermal", "power", "rate_limited", "model_unavailable", "internal"}
@@ -977,21 +976,17 @@ def node(
     smollm2_dirs: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Node]:
-    n = Node(
+    n = contract_node(
         tmp_path_factory.mktemp("fuzz-node"),
-        broker.url,
-        "pi",
+        broker,
         smollm2_dirs["int4"].parent,
-        model=SMOLLM2,
-        queue_capacity=2,
-        context_tokens=512,
         max_tokens=4,
         max_tokens_cap=4,
         max_payload_bytes=MAX_PAYLOAD,
         rate_limit_per_min=60000.0,
         rate_limit_burst=5000,
         homeassistant=False,
-    ).start(broker.port)
+    )
     yield n
     assert n.stop() == 0, n.log.read_text()[-3000:]
 

@@ -18,8 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.journal import Journal
-from tests.conftest import SMOLLM2
-from tests.mqttlab import Listener, Mosquitto, Node
+from tests.mqttlab import SMOLLM2, Listener, Mosquitto, Node, contract_node
 
 pytestmark = pytest.mark.model
 
@@ -35,18 +34,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 
 @pytest.fixture(scope="module")
 def node(broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    n = Node(
-        tmp_path_factory.mktemp("node"),
-        broker.url,
-        "pi",
-        smollm2_dirs["int4"].parent,
-        model=SMOLLM2,
-        queue_capacity=2,
-        context_tokens=512,
-        max_payload_bytes=4096,
-        rate_limit_per_min=6000.0,
-        rate_limit_burst=500,
-    ).start(broker.port)
+    n = contract_node(tmp_path_factory.mktemp("node"), broker, smollm2_dirs["int4"].parent)
     yield n
     assert n.stop() == 0, n.log.read_text()[-3000:]
 

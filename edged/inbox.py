@@ -149,11 +149,17 @@ class Inbox:
         except EdgedError as exc:
             self._refuse(env, request.id, request.identity, request.route, exc)
             return
-        self._journal.record(request.identity.key, request.id, env)
+        # The worker may start on it while the journal's fsync is under way (the prefill hides the fsync);
+        # the broker's acknowledgement comes only after the record, and the final reply waits for it.
+        key = request.identity.key
+        self._journal.expect(key, request.id)
         try:
             w.scheduler.submit(request, prompt_ids)
-        except EdgedError as exc:  # shutting down between the check and here: answered, never lost
-            self._outbox.failed(request, exc)
+        except EdgedError as exc:  # shutting down: refused, not journaled
+            self._journal.unexpect(key, request.id)
+            self._refuse(env, request.id, request.identity, request.route, exc)
+            return
+        self._journal.record(key, request.id, env)
 
     def _cancel(self, env: Envelope) -> None:
         w = self.wiring

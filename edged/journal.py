@@ -86,6 +86,18 @@ class Journal:
         else:
             self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        self._expected: dict[tuple[str, str], threading.Event] = {}  # records under way
+
+    def expect(self, key: str, request_id: str) -> None:
+        """Announces the ``record`` of (key, id) that comes next: ``replied`` for that row waits for it."""
+        with self._lock:
+            self._expected[(key, request_id)] = threading.Event()
+
+    def unexpect(self, key: str, request_id: str) -> None:
+        with self._lock:
+            event = self._expected.pop((key, request_id), None)
+        if event is not None:
+            event.set()
 
     def seen(self, key: str, request_id: str, window_s: float) -> Seen | None:
         """The row of (key, id) when it is unfinished or was received within the dedupe window."""
@@ -120,6 +132,9 @@ class Journal:
                 )
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                event = self._expected.pop((key, request_id), None)
+        if event is not None:
+            event.set()
 
     def refused(self, key: str, request_id: str, env: Envelope, reply: bytes) -> None:
         """Notes an error reply, so that the broker redelivering the same message is not taken as new.
@@ -136,6 +151,10 @@ class Journal:
             )
 
     def replied(self, key: str, request_id: str, topic: str, reply: bytes) -> None:
+        with self._lock:
+            event = self._expected.get((key, request_id))
+        if event is not None:
+            event.wait(10)  # the request's own record (an fsync) is still under way
         with self._lock:
             self._db.execute(
                 "UPDATE requests SET state = 'replied', reply_topic = ?, reply = ?, payload = x''"

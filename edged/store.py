@@ -17,6 +17,9 @@ from typing import Any
 from edged.errors import ModelUnavailable
 
 QUANTS = ("fp32", "int8", "int4")
+# The decoder graph: optimum's export (rewritten to MatMulNBits), or edged's own (edged.build.graph:
+# GroupQueryAttention on a shared KV buffer, packed projections, logits for the last position only).
+GRAPHS = ("optimum", "gqa")
 MANIFEST = "manifest.json"
 MODEL_FILES = (
     "model.onnx",
@@ -45,9 +48,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "edged"
 
 
-def model_dir_name(recipe: str, quant: str, default_quant: str) -> str:
-    """The recipe's default quantization gets the plain name; others are suffixed (``-fp32``)."""
-    return recipe if quant == default_quant else f"{recipe}-{quant}"
+def model_dir_name(
+    recipe: str, quant: str, default_quant: str, graph: str = "optimum", default_graph: str = "optimum"
+) -> str:
+    """The recipe's default quantization and graph get the plain name; others are suffixed (``-fp32``, ``-gqa``)."""
+    name = recipe if quant == default_quant else f"{recipe}-{quant}"
+    return name if graph == default_graph else f"{name}-{graph}"
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Recipe:
     accuracy_level: int
     source: dict[str, Any]
     tokenizer: dict[str, Any] = field(default_factory=dict)
+    graph: str = "optimum"  # the default decoder graph, one of GRAPHS
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -68,7 +75,7 @@ class Recipe:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read recipe {path}: {exc}") from exc
-        unknown = set(data) - {"description", "default_quant", "accuracy_level", "source", "tokenizer"}
+        unknown = set(data) - {"description", "default_quant", "accuracy_level", "source", "tokenizer", "graph"}
         if unknown:
             raise ValueError(f"recipe {path}: unknown keys {sorted(unknown)}")
         source = data.get("source")
@@ -77,6 +84,9 @@ class Recipe:
         quant = data.get("default_quant", "int4")
         if quant not in QUANTS:
             raise ValueError(f"recipe {path}: default_quant must be one of {QUANTS}")
+        graph = data.get("graph", "optimum")
+        if graph not in GRAPHS:
+            raise ValueError(f"recipe {path}: graph must be one of {GRAPHS}")
         return cls(
             name=path.stem,
             path=path,
@@ -85,10 +95,11 @@ class Recipe:
             accuracy_level=int(data.get("accuracy_level", 4)),
             source=source,
             tokenizer=dict(data.get("tokenizer", {})),
+            graph=graph,
         )
 
-    def dir_name(self, quant: str) -> str:
-        return model_dir_name(self.name, quant, self.default_quant)
+    def dir_name(self, quant: str, graph: str | None = None) -> str:
+        return model_dir_name(self.name, quant, self.default_quant, graph or self.graph, self.graph)
 
 
 def find_recipe(models_dir: Path, name: str) -> Recipe:

@@ -17,6 +17,7 @@ from typing import Any
 
 import edged
 from edged.store import (
+    GRAPHS,
     MANIFEST,
     MODEL_FILES,
     QUANTS,
@@ -29,14 +30,19 @@ from edged.store import (
 
 # Bump when the build's output changes for the same recipe, so cached builds are not reused.
 BUILD_FORMAT = 1
+# Bump when edged's own graph (edged.build.graph) changes.
+GRAPH_FORMAT = 1
 _TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf", "tokenizers")
 
 Log = Callable[[str], None]
 
 
-def build_key(recipe: Recipe, quant: str) -> str:
+def build_key(recipe: Recipe, quant: str, graph: str | None = None) -> str:
     digest = hashlib.sha256()
     digest.update(f"{BUILD_FORMAT}:{edged.__version__}:{quant}\n".encode())
+    graph = graph or recipe.graph
+    if graph != "optimum":  # optimum builds keep the keys they had before there was a choice
+        digest.update(f"graph:{graph}:{GRAPH_FORMAT}\n".encode())
     digest.update(recipe.path.read_bytes())
     hf_dir = recipe.source.get("hf_dir")
     if hf_dir:
@@ -47,13 +53,24 @@ def build_key(recipe: Recipe, quant: str) -> str:
 
 
 def build_model(
-    recipe: Recipe, quant: str, models_dir: Path, cache_dir: Path, log: Log, *, force: bool = False
+    recipe: Recipe,
+    quant: str,
+    models_dir: Path,
+    cache_dir: Path,
+    log: Log,
+    *,
+    force: bool = False,
+    graph: str | None = None,
 ) -> Path:
-    """Builds (or finds already built) ``recipe`` at ``quant``; returns the model directory."""
+    """Builds (or finds already built) ``recipe`` at ``quant`` with ``graph`` (default: the recipe's);
+    returns the model directory."""
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; use one of {', '.join(QUANTS)}")
-    key = build_key(recipe, quant)
-    out = models_dir / recipe.dir_name(quant)
+    graph = graph or recipe.graph
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown graph {graph!r}; use one of {', '.join(GRAPHS)}")
+    key = build_key(recipe, quant, graph)
+    out = models_dir / recipe.dir_name(quant, graph)
     if not force and _is_build(out, key):
         log(f"{out.name}: up to date (build {key[:12]})")
         return out
@@ -61,7 +78,7 @@ def build_model(
     if force or not _is_build(cached, key):
         with tempfile.TemporaryDirectory(prefix="build-", dir=_mkdir(cache_dir)) as tmp:
             staged = Path(tmp) / "model"
-            _build(recipe, quant, key, staged, Path(tmp), cache_dir, log)
+            _build(recipe, quant, graph, key, staged, Path(tmp), cache_dir, log)
             _replace_dir(staged, cached)
     else:
         log(f"{out.name}: found in the build cache ({cached})")
@@ -81,11 +98,12 @@ def _is_build(model_dir: Path, key: str) -> bool:
         return False
 
 
-def _build(recipe: Recipe, quant: str, key: str, out: Path, work: Path, cache_dir: Path, log: Log) -> None:
+def _build(recipe: Recipe, quant: str, graph: str, key: str, out: Path, work: Path, cache_dir: Path, log: Log) -> None:
     import onnx
 
     from edged.build import export
     from edged.build.gguf import GGUFSource
+    from edged.build.graph import build_decoder
     from edged.build.quantize import quantize_model
 
     steps = 5
@@ -125,30 +143,40 @@ def _build(recipe: Recipe, quant: str, key: str, out: Path, work: Path, cache_di
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(src / name, out / name)
 
-    step(3, "exporting to ONNX with a KV cache (optimum)")
-    onnx_dir = work / "onnx"
-    export.export_onnx(hf_dir, onnx_dir)
-    for name in ("config.json", "generation_config.json"):
-        shutil.copy(onnx_dir / name, out / name)
-
+    bits = {"int4": 4, "int8": 8}.get(quant)
+    # The GGUF's blocks are carried over at 4 bits; int8 and float sources are requantized.
+    blocks = gguf.blocks_for if (gguf is not None and bits == 4) else (lambda *_: None)
     quant_info: dict[str, Any] = {"weights": "float32"}
-    if quant == "fp32":
-        step(4, "keeping float32 weights")
-        shutil.copy(onnx_dir / "model.onnx", out / "model.onnx")
-    else:
-        bits = 8 if quant == "int8" else 4
-        step(4, f"quantizing to {bits}-bit blocks (MatMulNBits, accuracy level {recipe.accuracy_level})")
-        model = onnx.load(str(onnx_dir / "model.onnx"))
-        blocks = gguf.blocks_for if (gguf is not None and bits == 4) else (lambda *_: None)
-        stats = quantize_model(model, bits, recipe.accuracy_level, blocks)
-        onnx.save(model, str(out / "model.onnx"))
+    if bits is not None:
         quant_info = {
             "method": "MatMulNBits weight-only, blocks of 32",
             "bits": bits,
             "accuracy_level": recipe.accuracy_level,
-            "gguf_blocks_carried_exactly": bool(stats["exact_blocks"]),
-            **stats,
         }
+    if graph == "gqa":
+        step(3, "no ONNX export: edged writes its own graph")
+        for name in ("config.json", "generation_config.json"):
+            shutil.copy(hf_dir / name, out / name)
+        step(4, f"writing the decoder graph (GroupQueryAttention, {quant}, accuracy level {recipe.accuracy_level})")
+        model, stats = build_decoder(hf_dir, quant, recipe.accuracy_level, blocks)
+        onnx.save(model, str(out / "model.onnx"))
+        if bits is not None:
+            quant_info.update({"gguf_blocks_carried_exactly": bool(stats["exact_blocks"]), **stats})
+    else:
+        step(3, "exporting to ONNX with a KV cache (optimum)")
+        onnx_dir = work / "onnx"
+        export.export_onnx(hf_dir, onnx_dir)
+        for name in ("config.json", "generation_config.json"):
+            shutil.copy(onnx_dir / name, out / name)
+        if bits is None:
+            step(4, "keeping float32 weights")
+            shutil.copy(onnx_dir / "model.onnx", out / "model.onnx")
+        else:
+            step(4, f"quantizing to {bits}-bit blocks (MatMulNBits, accuracy level {recipe.accuracy_level})")
+            model = onnx.load(str(onnx_dir / "model.onnx"))
+            stats = quantize_model(model, bits, recipe.accuracy_level, blocks)
+            onnx.save(model, str(out / "model.onnx"))
+            quant_info.update({"gguf_blocks_carried_exactly": bool(stats["exact_blocks"]), **stats})
     step(5, "writing the manifest")
     missing = [n for n in MODEL_FILES if not (out / n).is_file()]
     if missing:
@@ -157,8 +185,9 @@ def _build(recipe: Recipe, quant: str, key: str, out: Path, work: Path, cache_di
         out,
         {
             "format": BUILD_FORMAT,
-            "name": recipe.dir_name(quant),
+            "name": recipe.dir_name(quant, graph),
             "recipe": recipe.name,
+            "graph": graph,
             "build_key": key,
             "source": source_info,
             "quantization": quant_info,
@@ -167,7 +196,7 @@ def _build(recipe: Recipe, quant: str, key: str, out: Path, work: Path, cache_di
         },
     )
     size_mb = sum((out / n).stat().st_size for n in MODEL_FILES) / 1e6
-    log(f"built {recipe.dir_name(quant)}: {size_mb:.1f} MB in {time.monotonic() - started:.0f} s")
+    log(f"built {recipe.dir_name(quant, graph)}: {size_mb:.1f} MB in {time.monotonic() - started:.0f} s")
 
 
 def fetch_gguf(recipe: Recipe, cache_dir: Path) -> Path:

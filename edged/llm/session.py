@@ -16,6 +16,11 @@ from edged.errors import ModelUnavailable
 
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
+# edged's own graph (edged.build.graph): GroupQueryAttention reads lengths, not a mask, and writes its
+# presents into the buffer it reads its pasts from; the lm_head runs on the rows named in LOGIT_ROWS.
+_SEQLENS_K = "seqlens_k"
+_TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+_LOGIT_ROWS = "logit_rows"
 _LAYER = re.compile(r"past_key_values\.(\d+)\.\w+")
 Logits = npt.NDArray[np.float32]
 _DTYPES: dict[str, type[np.floating]] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -102,8 +107,61 @@ class KVCache:
         self.length = length
 
 
+class KVBuffer:
+    """The keys and values of one sequence in place: what GroupQueryAttention reads and appends to.
+
+    One allocation [tensors, heads, capacity, head_dim]; tensor t is bound as both its past and its present,
+    shape [1, heads, capacity, head_dim], at the same address. The kernel writes the new positions after the
+    old ones and, since the two pointers are equal, copies nothing: a step costs the new rows only.
+    Pages are touched only as far as the sequence reaches.
+    """
+
+    def __init__(self, tensors: int, heads: int, head_dim: int, dtype: type[np.floating], capacity: int) -> None:
+        self.length = 0
+        self.heads = heads
+        self.head_dim = head_dim
+        self._buffer: npt.NDArray[np.floating] = np.empty((tensors, heads, capacity, head_dim), dtype=dtype)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._buffer.shape[2])
+
+    @property
+    def dtype(self) -> np.dtype[np.floating]:
+        return self._buffer.dtype
+
+    @property
+    def tensors(self) -> npt.NDArray[np.floating]:
+        """The buffer itself, [tensors, heads, capacity, head_dim]; positions from ``length`` on are unused."""
+        return self._buffer
+
+    def reserve(self, tokens: int) -> None:
+        """Makes room for ``tokens`` (a copy, when the sequence outgrows the buffer)."""
+        if tokens > self.capacity:
+            tensors, heads, _, head_dim = self._buffer.shape
+            grown = np.empty((tensors, heads, tokens, head_dim), self.dtype)
+            grown[:, :, : self.length] = self._buffer[:, :, : self.length]
+            self._buffer = grown
+
+    def address(self, tensor: int) -> int:
+        """Where ``tensor``'s past is read from and its present written to (valid until ``reserve``)."""
+        base: int = self._buffer.ctypes.data
+        tensor_bytes = int(self._buffer[0].nbytes)
+        return base + tensor * tensor_bytes
+
+    def advance(self, length: int) -> None:
+        self.length = length
+
+
+Cache = KVCache | KVBuffer
+
+
 class DecoderSession:
-    """A decoder-only ONNX model exported with a KV cache (optimum's ``text-generation-with-past``)."""
+    """A decoder-only ONNX model with a KV cache: optimum's ``text-generation-with-past`` export (past and
+    present tensors, a mask), or edged's own graph (GroupQueryAttention on one buffer per KV tensor).
+
+    The graph's inputs say which: a graph with ``seqlens_k`` gets ``KVBuffer``s, any other ``KVCache``s.
+    """
 
     def __init__(self, model_path: Path, threads: int | None = None) -> None:
         options = ort.SessionOptions()
@@ -123,7 +181,13 @@ class DecoderSession:
         _release_freed_heap()
 
         inputs = {i.name: i for i in self._session.get_inputs()}
-        missing = {"input_ids", "attention_mask"} - inputs.keys()
+        self._shared_kv = _SEQLENS_K in inputs
+        required = (
+            {"input_ids", _SEQLENS_K, _TOTAL_SEQUENCE_LENGTH, _LOGIT_ROWS}
+            if self._shared_kv
+            else {"input_ids", "attention_mask"}
+        )
+        missing = required - inputs.keys()
         if missing:
             raise ModelUnavailable(f"{model_path} is not a decoder with a KV cache (no {sorted(missing)})")
         self._has_positions = "position_ids" in inputs
@@ -151,19 +215,21 @@ class DecoderSession:
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-    def new_cache(self, capacity: int = 0) -> KVCache:
+    def new_cache(self, capacity: int = 0) -> Cache:
         """An empty cache with room for ``capacity`` tokens (it grows by copying beyond that)."""
+        if self._shared_kv:
+            return KVBuffer(len(self._past_to_present), *self._kv_layout, capacity)
         return KVCache(len(self._past_to_present), self._kv_lag, *self._kv_layout, capacity)
 
-    def forward(self, token_ids: list[int], cache: KVCache) -> npt.NDArray[np.float32]:
+    def forward(self, token_ids: list[int], cache: Cache) -> npt.NDArray[np.float32]:
         """Runs ``token_ids`` after the cached sequence and extends the cache.
 
         Returns the logits of every new position, shape [len(token_ids), vocab]: for scoring a whole
         sequence; generation wants ``prefill`` and ``step``, which keep only the last position.
         """
-        return np.asarray(self._run(token_ids, cache, None)[0], dtype=np.float32)
+        return np.asarray(self._run(token_ids, cache, None, every_row=True)[0], dtype=np.float32)
 
-    def prefill(self, token_ids: list[int], cache: KVCache, chunk_tokens: int, *, shrink: bool = True) -> Logits:
+    def prefill(self, token_ids: list[int], cache: Cache, chunk_tokens: int, *, shrink: bool = True) -> Logits:
         """Runs a prompt ``chunk_tokens`` at a time; returns the last position's logits, shape [vocab].
 
         Attention and logits then need memory for one chunk, not the whole prompt; ``shrink`` hands the
@@ -182,11 +248,20 @@ class DecoderSession:
         # A copy of one row, so the chunk's [1, n, vocab] output is freed now, not with the row.
         return np.array(logits[0, -1], dtype=np.float32)
 
-    def step(self, token_id: int, cache: KVCache) -> Logits:
+    def step(self, token_id: int, cache: Cache) -> Logits:
         """One decode step: the logits after ``token_id``, shape [vocab]."""
         return np.asarray(self._run([token_id], cache, None)[0, -1], dtype=np.float32)
 
-    def _run(self, token_ids: list[int], cache: KVCache, run_options: ort.RunOptions | None) -> npt.NDArray[np.float32]:
+    def _run(
+        self, token_ids: list[int], cache: Cache, run_options: ort.RunOptions | None, *, every_row: bool = False
+    ) -> npt.NDArray[np.float32]:
+        """Logits [1, n, vocab]: of every new position, or (where the graph allows) of the last one only."""
+        if isinstance(cache, KVBuffer):
+            if not self._shared_kv:
+                raise TypeError("a KVBuffer belongs to a graph with a shared KV buffer; use this session's new_cache")
+            return self._run_shared(token_ids, cache, run_options, every_row)
+        if self._shared_kv:
+            raise TypeError("this graph reads a KVBuffer; use this session's new_cache")
         total = cache.length + len(token_ids)
         cache.reserve(total)
         binding = self._session.io_binding()
@@ -205,3 +280,26 @@ class DecoderSession:
         cache.advance(total)
         logits: npt.NDArray[np.float32] = binding.get_outputs()[0].numpy()
         return logits  # [1, len(token_ids), vocab]
+
+    def _run_shared(
+        self, token_ids: list[int], cache: KVBuffer, run_options: ort.RunOptions | None, every_row: bool
+    ) -> npt.NDArray[np.float32]:
+        total = cache.length + len(token_ids)
+        cache.reserve(total)
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        # One sequence, right-aligned at 0: GroupQueryAttention derives the positions from these lengths.
+        binding.bind_cpu_input(_SEQLENS_K, np.array([total - 1], dtype=np.int32))
+        binding.bind_cpu_input(_TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
+        first = 0 if every_row else len(token_ids) - 1
+        binding.bind_cpu_input(_LOGIT_ROWS, np.arange(first, len(token_ids), dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        shape = [1, cache.heads, cache.capacity, cache.head_dim]
+        for tensor, (past, present) in enumerate(self._past_to_present.items()):
+            address = cache.address(tensor)
+            binding.bind_input(past, "cpu", 0, cache.dtype, shape, address)
+            binding.bind_output(present, "cpu", 0, cache.dtype, shape, address)
+        self._session.run_with_iobinding(binding, run_options)
+        cache.advance(total)
+        logits: npt.NDArray[np.float32] = binding.get_outputs()[0].numpy()
+        return logits  # [1, rows, vocab]

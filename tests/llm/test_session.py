@@ -46,6 +46,12 @@ from edged.llm import Engine, GenerationRequest, Message
 def rss_mb():
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
+def peak_mb():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec, so it would report the test
+    # process's own RSS at spawn (1.5 GB once earlier tests had loaded SmolLM2 twice) instead of this one's.
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
 engine = Engine(Path(sys.argv[1]), threads=2, context_tokens=2048)
 engine.complete(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=2))
 baseline = rss_mb()
@@ -56,7 +62,7 @@ print(json.dumps({
     "prompt_tokens": result.usage.prompt_tokens,
     "completion_tokens": result.usage.completion_tokens,
     "baseline_mb": baseline,
-    "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_mb": peak_mb(),
     "after_mb": rss_mb(),
 }))
 """

@@ -1,0 +1,330 @@
+"""edged's own decoder graph for Llama-style models, written with the ``onnx`` package at build time.
+
+Per layer: SkipSimplifiedLayerNormalization, one packed QKV projection, GroupQueryAttention with rotary inside
+on a KV buffer that is both past and present, the O projection, one packed gate/up projection, SiLU as
+Sigmoid * Mul, down. The lm_head runs only on the rows ``logit_rows`` picks (the last position when generating).
+Projections are MatMulNBits over the GGUF's own blocks, carried exactly (``quantize.BlockWeights``); a float
+source is requantized the way ``quantize_model`` does it, so both graphs hold the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edged.build.quantize import (
+    _MIN_GATHER_ELEMENTS,
+    F32,
+    BlockSource,
+    BlockWeights,
+    _dequantizing_gather,
+    _Graph,
+    _matmul_nbits,
+    _Tables,
+)
+
+OPSET = 18
+MS = "com.microsoft"
+# The graph's interface, read by edged.llm.session (a graph with SEQLENS_K gets the shared KV buffer).
+SEQLENS_K = "seqlens_k"  # int32 [batch]: total length - 1 per sequence
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar
+LOGIT_ROWS = "logit_rows"  # int64 [rows]: rows of the flattened [batch * seq] positions to compute logits for
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The few numbers of a Llama-style decoder the graph is written from (transformers' config.json)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float
+    rope_theta: float
+    max_positions: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DecoderShape:
+        if config.get("model_type") != "llama":
+            raise ValueError(f"the gqa graph is written for Llama-style models, not {config.get('model_type')!r}")
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag):
+                raise ValueError(f"the gqa graph has no projection biases ({flag} is set); build with --graph optimum")
+        if config.get("rope_scaling"):
+            raise ValueError("the gqa graph has no rope scaling; build with --graph optimum")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"the gqa graph computes SiLU, not {config['hidden_act']!r}")
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        shape = cls(
+            layers=int(config["num_hidden_layers"]),
+            hidden=hidden,
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate=int(config["intermediate_size"]),
+            vocab=int(config["vocab_size"]),
+            eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            max_positions=int(config["max_position_embeddings"]),
+            tied=bool(config.get("tie_word_embeddings", False)),
+        )
+        if shape.head_dim % 16:  # GroupQueryAttention's rotary needs it (onnxruntime's CheckInputs)
+            raise ValueError(
+                f"head size {shape.head_dim} is not a multiple of 16, as GroupQueryAttention's rotary needs"
+            )
+        return shape
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+
+def rotary_caches(shape: DecoderShape) -> tuple[F32, F32]:
+    """cos and sin [max_positions, head_dim / 2], computed in float32 as transformers' Llama does."""
+    exponents = np.arange(0, shape.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(shape.head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(shape.rope_theta) ** exponents)).astype(np.float32)
+    angles = np.arange(shape.max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def load_hf_weights(hf_dir: Path) -> dict[str, F32]:
+    """Every tensor of a transformers checkpoint saved as safetensors, as float32."""
+    from safetensors.numpy import load_file
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{hf_dir} holds no *.safetensors weights")
+    weights: dict[str, F32] = {}
+    for file in files:
+        weights.update({k: v.astype(np.float32) for k, v in load_file(str(file)).items()})
+    return weights
+
+
+class _Writer:
+    """Writes the decoder's nodes into one graph, converting each weight once (tied tables shared by content)."""
+
+    def __init__(self, quant: str, accuracy_level: int, source: BlockSource) -> None:
+        self.quant = quant
+        self.bits = 8 if quant == "int8" else 4
+        self.level = accuracy_level
+        self.source = source
+        model = helper.make_model(
+            helper.make_graph([], "edged-decoder", [], []),
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+        )
+        self.g = _Graph(model)
+        self.nodes: list[onnx.NodeProto] = []
+        self.block_sums: dict[str, str] = {}
+        self._tables: dict[bytes, _Tables] = {}
+        self.stats = {"matmul_nbits": 0, "exact_blocks": 0, "requantized": 0, "residual_paths": 0, "gathers": 0}
+
+    def op(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> list[str]:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=self.g.fresh(op), domain=domain, **attrs))
+        return outputs
+
+    def const(self, name: str, array: np.ndarray[Any, Any]) -> str:
+        return self.g.add_init(name, array)
+
+    def tables(self, key: str, weights: list[tuple[str, str, F32]]) -> _Tables:
+        """The blocks of ``weights`` ([N_i, K] rows each, with their graph names) stacked along N."""
+        rows = np.concatenate([w for _, _, w in weights], axis=0)
+        digest = hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).digest()
+        if digest not in self._tables:
+            blocks = []
+            for init_name, node_name, w in weights:
+                bw = self.source(init_name, node_name, w)
+                self.stats["exact_blocks" if bw is not None else "requantized"] += 1
+                blocks.append(bw or BlockWeights.quantize(w, self.bits))
+            bw = _stack(blocks)
+            parts = bw.nibbles() if bw.bits == 8 and self.level == 0 else (bw,)
+            self._tables[digest] = _Tables(key, parts)
+        return self._tables[digest]
+
+    def project(self, x: str, y: str, key: str, weights: list[tuple[str, str, F32]]) -> str:
+        """y = x @ W.T for the rows of ``weights`` stacked along N: one MatMulNBits (or one float MatMul).
+
+        A Q4_1 remainder costs one block sum of ``x`` (shared by every projection that reads ``x``) and one
+        small MatMul for the whole stack, not one per projection.
+        """
+        if self.quant == "fp32":
+            stacked = np.concatenate([w for _, _, w in weights], axis=0)
+            self.op("MatMul", [x, self.const(f"{key}.weight_t", np.ascontiguousarray(stacked.T))], [y])
+            return y
+        t = self.tables(key, weights)
+        matmul = helper.make_node("MatMul", [x, ""], [y])  # only its input and output names are read
+        self.nodes.extend(_matmul_nbits(self.g, matmul, t, self.level, self.block_sums))
+        self.stats["matmul_nbits"] += len(t.parts)
+        self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
+        return y
+
+    def embed(self, ids: str, out: str, table: F32) -> str:
+        if self.quant == "fp32" or table.size < _MIN_GATHER_ELEMENTS:
+            self.op("Gather", [self.const("model.embed_tokens.weight", table), ids], [out], axis=0)
+            return out
+        t = self.tables(
+            "model.embed_tokens.weight", [("model.embed_tokens.weight", "/model/embed_tokens/Gather", table)]
+        )
+        gather = helper.make_node("Gather", [t.key, ids], [out])
+        self.nodes.extend(_dequantizing_gather(self.g, gather, t))
+        self.stats["gathers"] += 1
+        return out
+
+    def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+        graph = self.g.graph
+        graph.node.extend(self.nodes)
+        graph.input.extend(inputs)
+        graph.output.extend(outputs)
+        return self.g.model
+
+
+def _stack(blocks: list[BlockWeights]) -> BlockWeights:
+    """One [sum N_i, K] block matrix from several with the same K and bits (a remainder of 0 where one has none)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    if len({b.bits for b in blocks}) != 1:
+        raise ValueError(f"cannot pack projections stored with different bits {[b.bits for b in blocks]}")
+    residual = None
+    if any(b.residual is not None for b in blocks):
+        residual = np.concatenate([b.residual if b.residual is not None else np.zeros_like(b.scale) for b in blocks])
+    return BlockWeights(
+        blocks[0].bits,
+        np.concatenate([b.q for b in blocks]),
+        np.concatenate([b.scale for b in blocks]),
+        np.concatenate([b.zero for b in blocks]),
+        residual,
+    )
+
+
+def build_decoder(
+    hf_dir: Path, quant: str, accuracy_level: int, source: BlockSource
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The decoder graph of the transformers model in ``hf_dir``; ``source`` gives a weight's GGUF blocks.
+
+    Returns the model and what was converted (for the manifest).
+    """
+    shape = DecoderShape.from_config(json.loads((hf_dir / "config.json").read_text()))
+    weights = load_hf_weights(hf_dir)
+    w = _Writer(quant, accuracy_level, source)
+    kv_shape: list[int | str] = ["batch", shape.kv_heads, "max_length", shape.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+        helper.make_tensor_value_info(LOGIT_ROWS, TensorProto.INT64, ["rows"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "rows", shape.vocab])]
+    cos, sin = rotary_caches(shape)
+    cos_name, sin_name = w.const("rotary.cos", cos), w.const("rotary.sin", sin)
+
+    def rows(name: str) -> F32:
+        return weights[name]
+
+    embed_table = rows("model.embed_tokens.weight")
+    residual = w.embed("input_ids", "/model/embed_tokens/output", embed_table)
+    mlp_out: str | None = None
+    for i in range(shape.layers):
+        p = f"model.layers.{i}"
+        n = f"/model/layers.{i}"
+        ln_in = w.const(f"{p}.input_layernorm.weight", rows(f"{p}.input_layernorm.weight"))
+        if mlp_out is None:
+            (x,) = w.op("SimplifiedLayerNormalization", [residual, ln_in], [f"{n}/input_layernorm"], epsilon=shape.eps)
+        else:
+            x, _, _, residual = w.op(
+                "SkipSimplifiedLayerNormalization",
+                [mlp_out, residual, ln_in],
+                [f"{n}/input_layernorm", "", "", f"{n}/residual_in"],
+                domain=MS,
+                epsilon=shape.eps,
+            )
+        qkv = w.project(
+            x,
+            f"{n}/qkv",
+            f"{p}.self_attn.qkv_proj",
+            [
+                (
+                    f"{p}.self_attn.{m}_proj.weight",
+                    f"{n}/self_attn/{m}_proj/MatMul",
+                    rows(f"{p}.self_attn.{m}_proj.weight"),
+                )
+                for m in "qkv"
+            ],
+        )
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        for past, present in ((past_k, present_k), (past_v, present_v)):
+            inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, kv_shape))
+        (attn, _, _) = w.op(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, cos_name, sin_name],
+            [f"{n}/attn", present_k, present_v],
+            domain=MS,
+            num_heads=shape.heads,
+            kv_num_heads=shape.kv_heads,
+            scale=float(1 / np.sqrt(shape.head_dim)),
+            do_rotary=1,
+            # transformers' rows (rotate_half), which GGUFSource.blocks_for matches: no interleaving
+            rotary_interleaved=0,
+        )
+        o = w.project(
+            attn,
+            f"{n}/o",
+            f"{p}.self_attn.o_proj",
+            [(f"{p}.self_attn.o_proj.weight", f"{n}/self_attn/o_proj/MatMul", rows(f"{p}.self_attn.o_proj.weight"))],
+        )
+        ln_post = w.const(f"{p}.post_attention_layernorm.weight", rows(f"{p}.post_attention_layernorm.weight"))
+        x, _, _, residual = w.op(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, ln_post],
+            [f"{n}/post_attention_layernorm", "", "", f"{n}/residual_mid"],
+            domain=MS,
+            epsilon=shape.eps,
+        )
+        gate_up = w.project(
+            x,
+            f"{n}/gate_up",
+            f"{p}.mlp.gate_up_proj",
+            [
+                (f"{p}.mlp.{m}_proj.weight", f"{n}/mlp/{m}_proj/MatMul", rows(f"{p}.mlp.{m}_proj.weight"))
+                for m in ("gate", "up")
+            ],
+        )
+        gate, up = w.op("Split", [gate_up], [f"{n}/gate", f"{n}/up"], axis=-1, num_outputs=2)
+        (sig,) = w.op("Sigmoid", [gate], [f"{n}/sigmoid"])
+        (silu,) = w.op("Mul", [gate, sig], [f"{n}/silu"])
+        (act,) = w.op("Mul", [silu, up], [f"{n}/act"])
+        mlp_out = w.project(
+            act,
+            f"{n}/down",
+            f"{p}.mlp.down_proj",
+            [(f"{p}.mlp.down_proj.weight", f"{n}/mlp/down_proj/MatMul", rows(f"{p}.mlp.down_proj.weight"))],
+        )
+    assert mlp_out is not None
+    norm = w.const("model.norm.weight", rows("model.norm.weight"))
+    final, _, _, _ = w.op(
+        "SkipSimplifiedLayerNormalization",
+        [mlp_out, residual, norm],
+        ["/model/norm", "", "", ""],
+        domain=MS,
+        epsilon=shape.eps,
+    )
+    # Only the picked rows reach the lm_head: a prompt's prefill computes one row of logits, not one per token.
+    (flat,) = w.op("Reshape", [final, w.const("shape.rows", np.array([-1, shape.hidden], np.int64))], ["/flat"])
+    (picked,) = w.op("Gather", [flat, LOGIT_ROWS], ["/picked"], axis=0)
+    (picked3,) = w.op("Unsqueeze", [picked, w.const("axes.first", np.array([0], np.int64))], ["/picked3"])
+    head_rows = embed_table if shape.tied or "lm_head.weight" not in weights else rows("lm_head.weight")
+    w.project(picked3, "logits", "lm_head", [("lm_head.weight", "/lm_head/MatMul", head_rows)])
+    model = w.model(inputs, outputs)
+    return model, {"graph": "gqa", **w.stats}

@@ -1,0 +1,167 @@
+"""edged's own decoder graph: the same weights as the optimum export give the same logits and answers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edged.build import build_key, build_model
+from edged.build.graph import build_decoder
+from edged.build.quantize import BLOCK, F32, BlockSource, BlockWeights, quantize_model
+from edged.evaluate import agreement
+from edged.llm import Engine, GenerationRequest, Message
+from edged.llm.session import DecoderSession, KVBuffer, KVCache
+from edged.store import Recipe, default_cache_dir, default_models_dir
+from tests.mqttlab import SMOLLM2
+
+TEXT = "Tomatoes wilt in hot weather; water them early in the morning. Grüße aus München!"
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa(tiny_models: dict[str, Path]) -> dict[str, Path]:
+    """The tiny model's gqa builds beside its optimum builds, from the same recipe and weights."""
+    models_dir = tiny_models["fp32"].parent
+    recipe = Recipe.load(models_dir / "tiny.toml")
+    cache = models_dir.parent / "cache"
+    return {q: build_model(recipe, q, models_dir, cache, lambda _: None, graph="gqa") for q in ("fp32", "int4")}
+
+
+def _logits(model_dir: Path, ids: list[int]) -> F32:
+    session = DecoderSession(model_dir / "model.onnx", threads=1)
+    return session.forward(ids, session.new_cache())
+
+
+def _close(a: F32, b: F32, rel: float) -> None:
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= rel * np.abs(b).max(), np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_gqa_graph_gives_the_optimum_graphs_logits(
+    tiny_models: dict[str, Path], tiny_gqa: dict[str, Path], quant: str
+) -> None:
+    """Same weights, another graph (fused QKV, rotary inside attention, a shared KV buffer): same logits."""
+    ids = Engine(tiny_models["fp32"]).tokenizer.encode(TEXT)
+    _close(_logits(tiny_gqa[quant], ids), _logits(tiny_models[quant], ids), 1e-5)
+
+
+def test_gqa_build_has_its_own_directory_key_and_manifest(
+    tiny_models: dict[str, Path], tiny_gqa: dict[str, Path]
+) -> None:
+    """A gqa build must never be mistaken for (or overwrite) the optimum build of the same recipe."""
+    recipe = Recipe.load(tiny_models["int4"].parent / "tiny.toml")
+    assert tiny_gqa["int4"].name == "tiny-gqa" and tiny_gqa["fp32"].name == "tiny-fp32-gqa"
+    assert build_key(recipe, "int4", "gqa") != build_key(recipe, "int4") == build_key(recipe, "int4", "optimum")
+    manifest = json.loads((tiny_gqa["int4"] / "manifest.json").read_text())
+    assert manifest["graph"] == "gqa" and manifest["build_key"] == build_key(recipe, "int4", "gqa")
+    ops = Counter(n.op_type for n in onnx.load(str(tiny_gqa["int4"] / "model.onnx")).graph.node)
+    assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] == 4
+    assert ops["MatMulNBits"] == 2 * 4 + 1, "per layer QKV, O, gate/up and down, then the lm_head"
+
+
+def test_gqa_greedy_answers_match_with_chunked_prefill(tiny_models: dict[str, Path], tiny_gqa: dict[str, Path]) -> None:
+    """Prefill in chunks of 3 (GroupQueryAttention's 'subsequent prompt' path), then decode: the same tokens."""
+    request = GenerationRequest(messages=(Message("user", TEXT),), max_tokens=40)
+    optimum = Engine(tiny_models["int4"], threads=1).complete(request)
+    gqa = Engine(tiny_gqa["int4"], threads=1, prefill_chunk_tokens=3).complete(request)
+    assert len(gqa.token_ids) == 40
+    assert gqa.token_ids == optimum.token_ids
+
+
+def _q4_1(node_names: list[str]) -> BlockSource:
+    """A block source that hands out Q4_1 blocks (w = d q + m, float m) of each weight, as a GGUF does,
+    and records which weights it was asked for."""
+
+    def source(init_name: str, node_name: str, rows: F32) -> BlockWeights | None:
+        if not node_name.endswith("/MatMul"):
+            return None
+        node_names.append(node_name)
+        n, k = rows.shape
+        blocks = rows.reshape(n, k // BLOCK, BLOCK)
+        lo, hi = blocks.min(axis=2), blocks.max(axis=2)
+        d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+        m = lo.astype(np.float16).astype(np.float32)
+        safe_d = np.where(d == 0, np.float32(1), d)  # the tiny lm_head's rows of specials are all zero
+        q = np.clip(np.rint((blocks - m[..., None]) / safe_d[..., None]), 0, 15).astype(np.uint8)
+        return BlockWeights.from_affine(4, q.reshape(n, k), d, m)
+
+    return source
+
+
+def test_q4_1_remainders_are_exact_and_shared_per_input(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Q4_1 blocks carried into both graphs give the same logits; in the gqa graph the remainder costs one
+    block sum and one small MatMul per input (QKV share one, gate/up share one), not one per projection."""
+    asked_optimum: list[str] = []
+    asked_gqa: list[str] = []
+    optimum = onnx.load(str(tiny_models["fp32"] / "model.onnx"))
+    quantize_model(optimum, 4, 0, _q4_1(asked_optimum))
+    onnx.save(optimum, str(tmp_path / "optimum.onnx"))
+    hf_dir = (tiny_models["fp32"].parent / "../hf").resolve()
+    gqa, stats = build_decoder(hf_dir, "int4", 0, _q4_1(asked_gqa))
+    onnx.save(gqa, str(tmp_path / "gqa.onnx"))
+    assert sorted(asked_gqa) == sorted(asked_optimum), "the same weights, looked up by the same names"
+
+    ops = Counter(n.op_type for n in gqa.graph.node)
+    layers = 2
+    assert ops["ReduceSum"] == ops["MatMul"] == 4 * layers + 1, "one remainder per input, plus the lm_head's"
+    assert stats["residual_paths"] == 4 * layers + 1
+
+    ids = Engine(tiny_models["fp32"]).tokenizer.encode(TEXT)
+    sessions = [DecoderSession(tmp_path / f"{name}.onnx", threads=1) for name in ("optimum", "gqa")]
+    reference, ours = (s.forward(ids, s.new_cache()) for s in sessions)
+    _close(ours, reference, 1e-5)
+
+
+def test_a_kv_buffer_is_chosen_from_the_graphs_inputs(tiny_models: dict[str, Path], tiny_gqa: dict[str, Path]) -> None:
+    """The session reads the graph's signature: optimum exports keep their cache, gqa graphs get a buffer."""
+    assert isinstance(DecoderSession(tiny_models["int4"] / "model.onnx").new_cache(8), KVCache)
+    gqa = DecoderSession(tiny_gqa["int4"] / "model.onnx")
+    buffer = gqa.new_cache(8)
+    assert isinstance(buffer, KVBuffer) and buffer.tensors.shape == (4, 2, 8, 16)
+
+
+# -- the real SmolLM2 --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_gqa() -> Path:
+    models_dir = default_models_dir()
+    recipe = Recipe.load(models_dir / f"{SMOLLM2}.toml")
+    return build_model(recipe, "int4", models_dir, default_cache_dir(), print, graph="gqa")
+
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Why do cats purr?"]
+
+
+@pytest.mark.model
+def test_smollm2_gqa_matches_the_optimum_build(smollm2_dirs: dict[str, Path], smollm2_gqa: Path) -> None:
+    """Both graphs carry the GGUF's blocks exactly: logits agree to float rounding, greedy answers token for token."""
+    manifest = json.loads((smollm2_gqa / "manifest.json").read_text())
+    assert manifest["quantization"]["requantized"] == 0 and manifest["quantization"]["exact_blocks"] > 200
+    optimum = Engine(smollm2_dirs["int4"], threads=2)
+    gqa = Engine(smollm2_gqa, threads=2)
+    for prompt in PROMPTS:
+        request = GenerationRequest(messages=(Message("user", prompt),), max_tokens=48)
+        ids = optimum.prompt_ids(request)
+        _close(
+            gqa.session.forward(ids, gqa.session.new_cache()),
+            optimum.session.forward(ids, optimum.session.new_cache()),
+            1e-4,
+        )
+        assert gqa.complete(request).token_ids == optimum.complete(request).token_ids, prompt
+    france = gqa.complete(GenerationRequest(messages=(Message("user", PROMPTS[0]),), max_tokens=32))
+    assert "Paris" in france.text and france.finish_reason == "stop"
+
+
+@pytest.mark.model
+def test_smollm2_gqa_is_faithful_to_fp32(smollm2_dirs: dict[str, Path], smollm2_gqa: Path) -> None:
+    """`edged model eval`'s measure with float activations: at least 0.99 top-1 agreement with fp32."""
+    result = agreement(Engine(smollm2_dirs["fp32"], threads=2), Engine(smollm2_gqa, threads=2))
+    assert result.positions >= 200
+    assert result.top1 >= 0.99, result
+    assert result.kl < 1e-3, result

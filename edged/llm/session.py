@@ -212,6 +212,7 @@ class DecoderSession:
         self._kv_layout = layouts.pop()
         self._kv_lag = _kv_lag(list(self._past_to_present))
         self._output_names = ["logits", *self._past_to_present.values()]
+        self._shared: tuple[tuple[int, int], ort.IOBinding] | None = None
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
@@ -286,20 +287,31 @@ class DecoderSession:
     ) -> npt.NDArray[np.float32]:
         total = cache.length + len(token_ids)
         cache.reserve(total)
-        binding = self._session.io_binding()
+        binding = self._shared_binding(cache)
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         # One sequence, right-aligned at 0: GroupQueryAttention derives the positions from these lengths.
         binding.bind_cpu_input(_SEQLENS_K, np.array([total - 1], dtype=np.int32))
         binding.bind_cpu_input(_TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
         first = 0 if every_row else len(token_ids) - 1
         binding.bind_cpu_input(_LOGIT_ROWS, np.arange(first, len(token_ids), dtype=np.int64))
-        binding.bind_output("logits", "cpu")
-        shape = [1, cache.heads, cache.capacity, cache.head_dim]
-        for tensor, (past, present) in enumerate(self._past_to_present.items()):
-            address = cache.address(tensor)
-            binding.bind_input(past, "cpu", 0, cache.dtype, shape, address)
-            binding.bind_output(present, "cpu", 0, cache.dtype, shape, address)
+        binding.bind_output("logits", "cpu")  # a new output each run (rebinding a name replaces it in place)
         self._session.run_with_iobinding(binding, run_options)
         cache.advance(total)
         logits: npt.NDArray[np.float32] = binding.get_outputs()[0].numpy()
         return logits  # [1, rows, vocab]
+
+    def _shared_binding(self, cache: KVBuffer) -> ort.IOBinding:
+        """A binding of every past and present to ``cache``'s buffer, kept while the buffer stays where it is:
+        the same addresses and shapes serve every step, so a step rebinds only its four small inputs
+        (binding the 60 KV tensors of SmolLM2-135M anew took ~0.3 ms, ~3 % of a step)."""
+        key = (cache.address(0), cache.capacity)
+        if self._shared is None or self._shared[0] != key:
+            binding = self._session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: outputs come back in the order they were bound
+            shape = [1, cache.heads, cache.capacity, cache.head_dim]
+            for tensor, (past, present) in enumerate(self._past_to_present.items()):
+                address = cache.address(tensor)
+                binding.bind_input(past, "cpu", 0, cache.dtype, shape, address)
+                binding.bind_output(present, "cpu", 0, cache.dtype, shape, address)
+            self._shared = (key, binding)
+        return self._shared[1]

@@ -83,3 +83,18 @@ def test_a_cache_belongs_to_its_kind_of_graph(tiny_models: dict[str, Path], tiny
         gqa.step(5, optimum.new_cache(4))
     with pytest.raises(TypeError):
         optimum.step(5, gqa.new_cache(4))
+
+
+def test_two_buffers_in_turn_each_keep_their_own_sequence(tiny_gqa: Path) -> None:
+    """The session keeps its KV binding while one buffer is used; switching buffers must rebind, not reuse."""
+    session = DecoderSession(tiny_gqa / "model.onnx", threads=1)
+    a_ids, b_ids = list(range(3, 20)), list(range(40, 60))
+    alone = [session.forward(ids, session.new_cache(len(ids))) for ids in (a_ids, b_ids)]
+    a, b = session.new_cache(20), session.new_cache(20)  # the same shape: only their addresses differ
+    a_logits = [session.prefill(a_ids[:5], a, 5, shrink=False)]
+    b_logits = [session.prefill(b_ids[:5], b, 5, shrink=False)]
+    for i in range(5, 17):
+        a_logits.append(session.step(a_ids[i], a))
+        b_logits.append(session.step(b_ids[i], b))
+    for got, want in ((a_logits, alone[0]), (b_logits, alone[1])):
+        np.testing.assert_allclose(np.stack(got), want[4:17], rtol=0, atol=1e-4 * np.abs(want).max())

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: setup system models run test lint clean bench
+.PHONY: setup system models run test lint clean bench peers
 
 # Debian packages: the broker (the daemon's private one and the tests'), its clients (mosquitto_rr in the
 # tests) and systemd-analyze (unit tests). Installed with apt when missing, as root or through sudo.
@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[build,dev]'
+	$(BIN)/pip install --quiet -e '.[build,dev,bench]'
 	touch $@
 
 setup: system $(BIN)/.installed
@@ -48,6 +48,23 @@ test: models lint
 
 bench: models
 	$(BIN)/edged bench
+
+# The peers `edged bench` measures edged against (optimum comes with the build extra). Not part of `make test`
+# or CI: llama-cpp-python compiles llama.cpp from source, about 10 minutes on 2 cores. The native build dies
+# with SIGILL at the first token on these Xeons (AMX advertised, not allowed by the VM), so the CPU features
+# are named instead of detected.
+LLAMA_CPP_VERSION = 0.3.36
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON \
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+peers: setup
+	@if $(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("llama-cpp-python") != "$(LLAMA_CPP_VERSION)")' 2>/dev/null; then \
+	  echo "llama-cpp-python $(LLAMA_CPP_VERSION) already installed"; \
+	else \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (about 10 minutes on 2 cores)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --no-cache-dir --no-binary llama-cpp-python \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	fi
 
 clean:
 	rm -rf $(VENV) models/*/

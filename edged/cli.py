@@ -244,7 +244,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from edged.bench import run
 
-    return run(_models_dir(args), args.model, quick=args.quick, as_json=args.json, threads=args.threads)
+    plot = Path(args.plot) if args.plot else None
+    return run(
+        _models_dir(args),
+        args.model,
+        quick=args.quick,
+        as_json=args.json,
+        threads=args.threads,
+        rounds=args.rounds,
+        plot=plot,
+    )
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -307,11 +316,13 @@ def _parser() -> argparse.ArgumentParser:
     node_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="engine speed per build and MQTT overhead, as tables and ratios")
-    p.add_argument("--quick", action="store_true", help="fewer tokens and requests (a smoke run)")
+    p = sub.add_parser("bench", help="engine speed per build, MQTT overhead and edged against its peers, with ratios")
+    p.add_argument("--quick", action="store_true", help="fewer tokens and requests, one round (a smoke run)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="threads for every engine and peer (default 2 for the peers)")
+    p.add_argument("--rounds", type=int, help="fresh-process rounds per peer (default 5, --quick 1)")
+    p.add_argument("--plot", metavar="FILE.png", help="tok/s against answer position and concurrency (matplotlib)")
     models_dir_arg(p)
     p.set_defaults(func=cmd_bench)
 

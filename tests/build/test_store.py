@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edged.build import build_model
 from edged.store import MODEL_FILES, Recipe, verify
 
@@ -50,3 +52,21 @@ def test_verify_reports_a_flipped_byte_and_a_missing_file(tiny_models: dict[str,
     assert bad.returncode == 1
     assert "model.onnx: sha256 mismatch" in bad.stderr
     assert "tokenizer.json: missing" in bad.stderr
+
+
+def test_a_recipe_names_its_default_graph_and_other_graphs_get_a_suffix(tmp_path: Path) -> None:
+    """`graph` picks the decoder graph; a build of the other graph lives beside it under its own name."""
+    source = '[source]\nhf_dir = "hf"\n'
+    (tmp_path / "plain.toml").write_text(source)
+    (tmp_path / "fast.toml").write_text(f'graph = "gqa"\n{source}')
+    (tmp_path / "bad.toml").write_text(f'graph = "tensorrt"\n{source}')
+    plain, fast = Recipe.load(tmp_path / "plain.toml"), Recipe.load(tmp_path / "fast.toml")
+    assert plain.graph == "optimum" and fast.graph == "gqa"
+    assert [plain.dir_name("int4"), plain.dir_name("int4", "gqa"), plain.dir_name("fp32", "gqa")] == [
+        "plain",
+        "plain-gqa",
+        "plain-fp32-gqa",
+    ]
+    assert [fast.dir_name("int4"), fast.dir_name("int4", "optimum")] == ["fast", "fast-optimum"]
+    with pytest.raises(ValueError, match="graph must be one of"):
+        Recipe.load(tmp_path / "bad.toml")

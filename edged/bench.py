@@ -229,6 +229,9 @@ SYSTEM_ASK_WARM = "Which pot size suits a cherry tomato?"
 SYSTEM_ASK = "How often should I water in July?"
 
 
+BUSY_CORES = 0.25  # other work above this during a run makes its ratios suspect on a 2-core machine
+
+
 @dataclass(frozen=True)
 class PeerSizes:
     rounds: int
@@ -240,10 +243,11 @@ class PeerSizes:
     concurrency: tuple[int, ...]
     concurrent_tokens: int
     timeout_s: float
+    busy_retries: int  # a run during which other processes took over BUSY_CORES is repeated up to this often
 
 
-QUICK_SIZES = PeerSizes(1, 1, 45, 400, 300, (32, 64), (1, 2, 4), 8, 300)
-FULL_SIZES = PeerSizes(5, 3, 45, 400, 300, (128, 512), (1, 2, 4), 64, 900)
+QUICK_SIZES = PeerSizes(1, 1, 45, 400, 300, (32, 64), (1, 2, 4), 8, 300, 0)
+FULL_SIZES = PeerSizes(5, 3, 45, 400, 300, (128, 512), (1, 2, 4), 64, 900, 2)
 
 
 def _prompt(tokenizer: Any, messages: list[tuple[str, str]]) -> dict[str, Any]:
@@ -449,13 +453,13 @@ def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, 
             specs[peer] = {**spec, "peer": peer, "model_dir": str(model_dir)}
         status[peer] = "ok"
 
-    runs: list[tuple[int, peers.ChildRun]] = []
+    runs: list[tuple[int, peers.ChildRun, bool]] = []  # (round, run, counted: False when busy and repeated)
     reference: list[int] | None = None
     if (fp32_dir / "model.onnx").is_file():
         ref_spec = {**spec, "peer": peers.EDGED, "model_dir": str(fp32_dir), "answer_only": True}
         ref_spec["decode_tokens"] = [sizes.decode_tokens[0]]
         ref = peers.spawn(ref_spec, sizes.timeout_s)
-        runs.append((0, ref))
+        runs.append((0, ref, True))
         if ref.report is not None:
             reference = ref.report["decode"][0]["token_ids"]
     order = list(specs)
@@ -463,10 +467,15 @@ def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, 
     errors: dict[str, list[str]] = {p: [] for p in reports}
     for r in range(sizes.rounds):
         for peer in order[r % len(order) :] + order[: r % len(order)]:  # who goes first rotates
-            child = peers.spawn(specs[peer], sizes.timeout_s)
-            runs.append((r + 1, child))
-            if log is not None:
-                log(_run_line(r + 1, child))
+            for attempt in range(sizes.busy_retries + 1):
+                child = peers.spawn(specs[peer], sizes.timeout_s)
+                # A ratio from a busy box is not fair: repeat the run while another process holds the cores.
+                counted = child.other_cores <= BUSY_CORES or attempt == sizes.busy_retries
+                runs.append((r + 1, child, counted))
+                if log is not None:
+                    log(_run_line(r + 1, child) + ("" if counted else "  busy: repeated"))
+                if counted:
+                    break
             if child.report is not None:
                 reports[peer].append(child.report)
             else:
@@ -504,6 +513,7 @@ def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, 
                 "round": r,
                 "peer": c.peer if r else f"{c.peer} fp32 (reference)",
                 "ok": c.report is not None,
+                "counted": counted,
                 "error": c.error,
                 "wall_s": round(c.wall_s, 2),
                 "loadavg_before": c.loadavg_before,
@@ -511,7 +521,7 @@ def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, 
                 "other_cpu_s": round(c.other_cpu_s, 2),
                 "other_cores": round(c.other_cores, 3),
             }
-            for r, c in runs
+            for r, c, counted in runs
         ],
         "series": series,
     }
@@ -540,9 +550,6 @@ def _run_line(round_no: int, child: peers.ChildRun) -> str:
         f"round {round_no} {child.peer:<10} {child.wall_s:6.1f} s  load avg {child.loadavg_before:.2f} -> "
         f"{child.loadavg_after:.2f}  other processes {child.other_cores:.2f} cores  {state}"
     )
-
-
-BUSY_CORES = 0.25  # other work above this during a run makes its ratios suspect on a 2-core machine
 
 
 def print_peers(report: dict[str, Any]) -> None:
@@ -582,16 +589,17 @@ def print_peers(report: dict[str, Any]) -> None:
     print("\nruns (load from other processes during each: CPU time not spent by the run or the bench, in cores)")
     for run in report["runs"]:
         state = "ok" if run["ok"] else f"FAILED: {run['error']}"
+        state += "" if run["counted"] else "  busy: repeated, not counted"
         print(
             f"  round {run['round']} {run['peer']:<26} {run['wall_s']:6.1f} s  load avg {run['loadavg_before']:.2f}"
             f" -> {run['loadavg_after']:.2f}  other {run['other_cores']:.2f} cores  {state}"
         )
-    cores = [run["other_cores"] for run in report["runs"]]
+    cores = [run["other_cores"] for run in report["runs"] if run["counted"]]
     if cores:
         busy = sum(c > BUSY_CORES for c in cores)
         print(
-            f"other processes: median {statistics.median(cores):.2f}, max {max(cores):.2f} cores"
-            + (f"; {busy} run(s) above {BUSY_CORES} cores: their ratios are not fair" if busy else "")
+            f"other processes during the counted runs: median {statistics.median(cores):.2f}, max {max(cores):.2f} "
+            f"cores" + (f"; {busy} counted run(s) above {BUSY_CORES} cores: their ratios are not fair" if busy else "")
         )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from edged.config import DEFAULT_CONFIG, Config
 from edged.config import load as load_config
 from edged.errors import EdgedError
-from edged.store import QUANTS, default_cache_dir, default_models_dir, find_recipe, list_models, verify
+from edged.store import GRAPHS, QUANTS, default_cache_dir, default_models_dir, find_recipe, list_models, verify
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -30,7 +30,8 @@ def cmd_model_build(args: argparse.Namespace) -> int:
 
     models_dir = _models_dir(args)
     recipe = find_recipe(models_dir, args.name)
-    build_model(recipe, args.quant or recipe.default_quant, models_dir, default_cache_dir(), _log, force=args.force)
+    quant = args.quant or recipe.default_quant
+    build_model(recipe, quant, models_dir, default_cache_dir(), _log, force=args.force, graph=args.graph)
     return 0
 
 
@@ -274,6 +275,7 @@ def _parser() -> argparse.ArgumentParser:
     p = msub.add_parser("build", help="build a model directory from a recipe in models/")
     p.add_argument("name")
     p.add_argument("--quant", choices=QUANTS, help="weight format (default: the recipe's)")
+    p.add_argument("--graph", choices=GRAPHS, help="decoder graph (default: the recipe's): optimum's export or gqa")
     p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     models_dir_arg(p)
     p.set_defaults(func=cmd_model_build)

@@ -50,7 +50,7 @@ bench: models
 	$(BIN)/edged bench
 
 # The peers `edged bench` measures edged against (optimum comes with the build extra). Not part of `make test`
-# or CI: llama-cpp-python compiles llama.cpp from source, about 10 minutes on 2 cores. The native build dies
+# or CI: llama-cpp-python compiles llama.cpp from source, 5-10 minutes on 2 cores. The native build dies
 # with SIGILL at the first token on these Xeons (AMX advertised, not allowed by the VM), so the CPU features
 # are named instead of detected.
 LLAMA_CPP_VERSION = 0.3.36
@@ -61,7 +61,7 @@ peers: setup
 	@if $(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("llama-cpp-python") != "$(LLAMA_CPP_VERSION)")' 2>/dev/null; then \
 	  echo "llama-cpp-python $(LLAMA_CPP_VERSION) already installed"; \
 	else \
-	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (about 10 minutes on 2 cores)"; \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (5-10 minutes on 2 cores)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --no-cache-dir --no-binary llama-cpp-python \
 	    llama-cpp-python==$(LLAMA_CPP_VERSION); \
 	fi

@@ -28,7 +28,7 @@ EDGED, LLAMA_CPP, OPTIMUM = "edged", "llama.cpp", "optimum"
 PEERS = (EDGED, LLAMA_CPP, OPTIMUM)
 # How to get a peer that is missing; the bench prints it instead of a number.
 INSTALL = {
-    LLAMA_CPP: "run `make peers` (llama-cpp-python==0.3.36 built for this CPU, about 10 minutes)",
+    LLAMA_CPP: "run `make peers` (llama-cpp-python==0.3.36 built for this CPU, 5-10 minutes)",
     OPTIMUM: "pip install -e '.[build]' (optimum-onnx, as `edged model build` uses)",
 }
 

@@ -418,7 +418,11 @@ def peer_rows(
 def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, log: Any = None) -> dict[str, Any]:
     """Runs every available peer in fresh processes, alternated round by round; medians, ratios and each run's load."""
     model_dir = models_dir / model
-    fp32_dir = models_dir / f"{model}-fp32"
+    # A build of another graph (say `-gqa`) names its recipe: the GGUF, the fp32 reference and the optimum
+    # export that optimum's own generate needs all come from the recipe's builds.
+    manifest = model_dir / "manifest.json"
+    recipe = str(json.loads(manifest.read_text()).get("recipe", model)) if manifest.is_file() else model
+    fp32_dir = models_dir / f"{recipe}-fp32"
     prompts = bench_prompts(model_dir, sizes)
     spec = {
         "threads": threads,
@@ -444,13 +448,14 @@ def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, 
                 specs[peer] = {
                     **spec,
                     "peer": peer,
-                    "gguf": str(fetch_gguf(find_recipe(models_dir, model), default_cache_dir())),
+                    "gguf": str(fetch_gguf(find_recipe(models_dir, recipe), default_cache_dir())),
                 }
             except Exception as exc:  # no recipe with a GGUF source, or the fetch failed
                 status[peer] = f"skipped: no source GGUF for {model} ({exc})"
                 continue
         else:
-            specs[peer] = {**spec, "peer": peer, "model_dir": str(model_dir)}
+            peer_dir = models_dir / recipe if peer == peers.OPTIMUM else model_dir
+            specs[peer] = {**spec, "peer": peer, "model_dir": str(peer_dir)}
         status[peer] = "ok"
 
     runs: list[tuple[int, peers.ChildRun, bool]] = []  # (round, run, counted: False when busy and repeated)

@@ -61,7 +61,7 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_model_eval(args: argparse.Namespace) -> int:
-    from edged.evaluate import agreement
+    from edged.evaluate import agreement, answer_quality
     from edged.llm import Engine
     from edged.store import read_manifest
 
@@ -75,12 +75,18 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
 
         _log(f"building the fp32 reference {reference_dir.name} first")
         build_model(recipe, "fp32", models_dir, default_cache_dir(), _log)
-    result = agreement(Engine(reference_dir, threads=args.threads), Engine(candidate_dir, threads=args.threads))
+    reference, candidate = Engine(reference_dir, threads=args.threads), Engine(candidate_dir, threads=args.threads)
+    result = agreement(reference, candidate)
     print(f"model      {args.name}")
     print(f"reference  {reference_dir.name}")
     print(f"positions  {result.positions}")
     print(f"top1       {result.top1:.3f}   (teacher-forced next-token agreement with fp32)")
     print(f"kl         {result.kl:.4f}  (nats per position, KL(fp32 || model))")
+    if args.answers:
+        ours, theirs = answer_quality(candidate), answer_quality(reference)
+        print(f"answers    {ours.right}/{ours.total} right (fp32: {theirs.right}/{theirs.total}; expected keywords)")
+        for question in ours.wrong:
+            print(f"  missed   {question}{'' if question in theirs.wrong else '   (fp32 gets it)'}")
     return 0
 
 
@@ -289,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     p = msub.add_parser("eval", help="agreement and KL of a build against the fp32 build")
     p.add_argument("name")
     p.add_argument("--threads", type=int)
+    p.add_argument("--answers", action="store_true", help="also score 30 factual questions, beside fp32's score")
     models_dir_arg(p)
     p.set_defaults(func=cmd_model_eval)
     p = msub.add_parser("pack", help="write a built model as one bundle file, for offline installs")

@@ -1,4 +1,5 @@
-"""Faithfulness of a quantized build: teacher-forced agreement with, and KL from, the fp32 build."""
+"""Faithfulness of a build: teacher-forced agreement with, and KL from, the fp32 build, and how many short
+factual questions its greedy answers get right (expected keywords), beside the fp32 build's own score."""
 
 from __future__ import annotations
 
@@ -21,6 +22,42 @@ PROMPTS = (
     "What should I do if my tomato plants wilt in hot weather?",
 )
 EVAL_TOKENS = 60
+
+# Answer quality: a question, and the words of which one must appear in a right answer (lower case). Plain
+# facts a small model may know; the score matters only beside the fp32 build's score on the same set.
+QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("What is the capital of France?", ("paris",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("What is the capital of Italy?", ("rome",)),
+    ("What is the capital of Germany?", ("berlin",)),
+    ("What is the capital of Spain?", ("madrid",)),
+    ("How many legs does a spider have?", ("eight", "8")),
+    ("How many days are there in a week?", ("seven", "7")),
+    ("How many continents are there on Earth?", ("seven", "7")),
+    ("What is the largest planet in our solar system?", ("jupiter",)),
+    ("Which planet is known as the Red Planet?", ("mars",)),
+    ("What is the chemical symbol for water?", ("h2o", "h₂o")),
+    ("What gas do plants absorb from the air for photosynthesis?", ("carbon dioxide", "co2", "co₂")),
+    ("What is the boiling point of water at sea level in degrees Celsius?", ("100",)),
+    ("What is the freezing point of water in degrees Celsius?", ("0 ", "zero", "0°", "0 degrees")),
+    ("Who wrote the play Romeo and Juliet?", ("shakespeare",)),
+    ("What is the largest ocean on Earth?", ("pacific",)),
+    ("What is the tallest mountain in the world?", ("everest",)),
+    ("What language is mainly spoken in Brazil?", ("portuguese",)),
+    ("What is 2 plus 2?", ("4", "four")),
+    ("What is 10 times 10?", ("100", "hundred")),
+    ("What color do you get when you mix blue and yellow?", ("green",)),
+    ("Which animal is known as the king of the jungle?", ("lion",)),
+    ("What is the closest star to Earth?", ("sun",)),
+    ("What do bees make?", ("honey",)),
+    ("Which organ pumps blood through the human body?", ("heart",)),
+    ("What is the main ingredient of guacamole?", ("avocado",)),
+    ("In which country are the pyramids of Giza?", ("egypt",)),
+    ("What is the hardest natural substance?", ("diamond",)),
+    ("How many hours are there in a day?", ("24", "twenty-four", "twenty four")),
+    ("What is the currency of Japan?", ("yen",)),
+)
+ANSWER_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -54,3 +91,21 @@ def agreement(reference: Engine, candidate: Engine, tokens: int = EVAL_TOKENS) -
         kl_sum += float((np.exp(ref) * (ref - cand)).sum())
         positions += ref.shape[0]
     return Agreement(top1=matches / positions, kl=kl_sum / positions, positions=positions)
+
+
+@dataclass(frozen=True)
+class AnswerQuality:
+    right: int
+    total: int
+    wrong: tuple[str, ...]  # the questions answered without any expected keyword
+
+
+def answer_quality(engine: Engine, tokens: int = ANSWER_TOKENS) -> AnswerQuality:
+    """Greedy answers to QUESTIONS, scored by their expected keywords."""
+    wrong = []
+    for question, keywords in QUESTIONS:
+        request = GenerationRequest(messages=(Message("user", question),), max_tokens=tokens)
+        text = engine.complete(request).text.lower() + " "
+        if not any(k in text for k in keywords):
+            wrong.append(question)
+    return AnswerQuality(right=len(QUESTIONS) - len(wrong), total=len(QUESTIONS), wrong=tuple(wrong))

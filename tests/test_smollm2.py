@@ -75,3 +75,15 @@ def test_default_build_is_small_and_faithful(smollm2_dirs: dict[str, Path]) -> N
     positions = int(re.search(r"^positions\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
     assert positions >= 200
     assert top1 >= 0.90, out
+
+
+def test_default_build_answers_the_factual_set_as_well_as_fp32(smollm2_dirs: dict[str, Path]) -> None:
+    """The answer-quality set (30 questions, expected keywords): quantization must cost no right answer.
+    The scores are printed; a 135M model gets about half of them, fp32 included."""
+    from edged.evaluate import answer_quality
+
+    ours = answer_quality(Engine(smollm2_dirs["int4"], threads=2))
+    reference = answer_quality(Engine(smollm2_dirs["fp32"], threads=2))
+    print(f"answer quality: int4 {ours.right}/{ours.total}, fp32 {reference.right}/{reference.total}")
+    assert reference.right >= ours.total // 3, "the fp32 build itself got too few right: the scoring is broken"
+    assert set(ours.wrong) <= set(reference.wrong), "int4 misses a question fp32 answers"

@@ -228,6 +228,14 @@ def build_decoder(
     cos, sin = rotary_caches(shape)
     cos_name, sin_name = w.const("rotary.cos", cos), w.const("rotary.sin", sin)
 
+    def parts(layer: int, module: str, *projections: str) -> list[tuple[str, str, F32]]:
+        """(weight name, the export's MatMul name, rows) of the projections one packed MatMul carries."""
+        p, n = f"model.layers.{layer}", f"/model/layers.{layer}"
+        return [
+            (f"{p}.{module}.{m}_proj.weight", f"{n}/{module}/{m}_proj/MatMul", rows(f"{p}.{module}.{m}_proj.weight"))
+            for m in projections
+        ]
+
     def rows(name: str) -> F32:
         return weights[name]
 
@@ -248,19 +256,8 @@ def build_decoder(
                 domain=MS,
                 epsilon=shape.eps,
             )
-        qkv = w.project(
-            x,
-            f"{n}/qkv",
-            f"{p}.self_attn.qkv_proj",
-            [
-                (
-                    f"{p}.self_attn.{m}_proj.weight",
-                    f"{n}/self_attn/{m}_proj/MatMul",
-                    rows(f"{p}.self_attn.{m}_proj.weight"),
-                )
-                for m in "qkv"
-            ],
-        )
+
+        qkv = w.project(x, f"{n}/qkv", f"{p}.self_attn.qkv_proj", parts(i, "self_attn", "q", "k", "v"))
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         for past, present in ((past_k, present_k), (past_v, present_v)):
@@ -278,12 +275,7 @@ def build_decoder(
             # transformers' rows (rotate_half), which GGUFSource.blocks_for matches: no interleaving
             rotary_interleaved=0,
         )
-        o = w.project(
-            attn,
-            f"{n}/o",
-            f"{p}.self_attn.o_proj",
-            [(f"{p}.self_attn.o_proj.weight", f"{n}/self_attn/o_proj/MatMul", rows(f"{p}.self_attn.o_proj.weight"))],
-        )
+        o = w.project(attn, f"{n}/o", f"{p}.self_attn.o_proj", parts(i, "self_attn", "o"))
         ln_post = w.const(f"{p}.post_attention_layernorm.weight", rows(f"{p}.post_attention_layernorm.weight"))
         x, _, _, residual = w.op(
             "SkipSimplifiedLayerNormalization",
@@ -292,25 +284,12 @@ def build_decoder(
             domain=MS,
             epsilon=shape.eps,
         )
-        gate_up = w.project(
-            x,
-            f"{n}/gate_up",
-            f"{p}.mlp.gate_up_proj",
-            [
-                (f"{p}.mlp.{m}_proj.weight", f"{n}/mlp/{m}_proj/MatMul", rows(f"{p}.mlp.{m}_proj.weight"))
-                for m in ("gate", "up")
-            ],
-        )
+        gate_up = w.project(x, f"{n}/gate_up", f"{p}.mlp.gate_up_proj", parts(i, "mlp", "gate", "up"))
         gate, up = w.op("Split", [gate_up], [f"{n}/gate", f"{n}/up"], axis=-1, num_outputs=2)
         (sig,) = w.op("Sigmoid", [gate], [f"{n}/sigmoid"])
         (silu,) = w.op("Mul", [gate, sig], [f"{n}/silu"])
         (act,) = w.op("Mul", [silu, up], [f"{n}/act"])
-        mlp_out = w.project(
-            act,
-            f"{n}/down",
-            f"{p}.mlp.down_proj",
-            [(f"{p}.mlp.down_proj.weight", f"{n}/mlp/down_proj/MatMul", rows(f"{p}.mlp.down_proj.weight"))],
-        )
+        mlp_out = w.project(act, f"{n}/down", f"{p}.mlp.down_proj", parts(i, "mlp", "down"))
     assert mlp_out is not None
     norm = w.const("model.norm.weight", rows("model.norm.weight"))
     final, _, _, _ = w.op(

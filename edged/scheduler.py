@@ -78,6 +78,7 @@ class _Job:
     seq: int
     request: Request
     prompt_ids: list[int] | None  # None after a model swap: tokenized again by the new model
+    replies: Replies  # where this request's answer goes (MQTT by default, an HTTP response)
 
 
 def _key(job: _Job) -> tuple[str, str]:
@@ -130,8 +131,12 @@ class Scheduler:
                 return True
             return displaced(priority_rank, [(j.rank, j.seq, k) for k, j in self._queued.items()]) is not None
 
-    def submit(self, request: Request, prompt_ids: list[int], *, force: bool = False) -> None:
+    def submit(
+        self, request: Request, prompt_ids: list[int], *, replies: Replies | None = None, force: bool = False
+    ) -> None:
         """Queues ``request``; raises Busy at once when the queue is full (``force``: journal replay).
+
+        Its chunks and final answer go to ``replies``, by default the scheduler's own (MQTT).
 
         When full, an alert displaces the newest background request, else the newest normal one
         (CONTRACT.md v1.1); the displaced request is answered ``busy``.
@@ -148,13 +153,13 @@ class Scheduler:
                         retry_after_s=2,
                     )
                 victim = self._queued.pop(key)
-            job = _Job(request.priority_rank, next(self._seq), request, prompt_ids)
+            job = _Job(request.priority_rank, next(self._seq), request, prompt_ids, replies or self._replies)
             heapq.heappush(self._heap, job)
             self._queued[(request.identity.key, request.id)] = job
             self._cond.notify()
         if victim is not None:
             busy = Busy("an alert took this request's place in the full queue; send it again shortly", retry_after_s=2)
-            self._replies.failed(victim.request, busy)
+            victim.replies.failed(victim.request, busy)
 
     def cancel(self, identity: Identity | None, request_id: str) -> bool:
         """Cancels a queued or running request of ``identity`` (None: any v1 asker's); the running one stops
@@ -170,7 +175,7 @@ class Scheduler:
             job = self._queued.pop(key) if key is not None else None
             running = self._running
         if job is not None:
-            self._replies.ended(job.request, "cancelled")
+            job.replies.ended(job.request, "cancelled")
             return True
         if running is not None and mine(running[0]):
             running[1].cancel("cancelled")
@@ -227,17 +232,17 @@ class Scheduler:
                 if not expired:
                     self._cond.wait(0.5 if self._heap else 1.0)
             for j in expired:
-                self._replies.ended(j.request, "deadline")
+                j.replies.ended(j.request, "deadline")
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
             try:
                 self._run(job)
             except EdgedError as exc:
-                self._replies.failed(job.request, exc)
+                job.replies.failed(job.request, exc)
             except Exception as exc:  # the worker must survive anything one request does
                 log.exception("request %s failed", job.request.id)
-                self._replies.failed(job.request, Internal(f"generation failed: {type(exc).__name__}"))
+                job.replies.failed(job.request, Internal(f"generation failed: {type(exc).__name__}"))
             finally:
                 with self._cond:
                     self._running = None
@@ -247,7 +252,7 @@ class Scheduler:
         request = job.request
         now_wall, now = time.time(), time.monotonic()
         if now_wall >= request.deadline_at:  # expired while queued: no compute at all
-            self._replies.ended(request, "deadline")
+            job.replies.ended(request, "deadline")
             return
         if self._fault == "freeze-worker":
             threading.Event().wait()  # a hung worker, as the watchdog must notice
@@ -274,8 +279,8 @@ class Scheduler:
         for seq, delta in enumerate(generation):
             self.heartbeat = time.monotonic()
             if request.stream:
-                self._replies.chunk(request, seq, delta)
+                job.replies.chunk(request, seq, delta)
         energy = None
         if self._energy_j is not None and energy_start is not None:
             energy = round(self._energy_j() - energy_start, 3)
-        self._replies.result(request, generation, energy, engine.name)
+        job.replies.result(request, generation, energy, engine.name)

@@ -5,6 +5,7 @@ from edged.llm.engine import (
     Generation,
     GenerationRequest,
     GenerationResult,
+    LogitsHook,
     Timings,
     Usage,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "Generation",
     "GenerationRequest",
     "GenerationResult",
+    "LogitsHook",
     "Message",
     "SamplingParams",
     "Timings",

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from edged.errors import InvalidRequest, ModelUnavailable, TooLong
 from edged.llm.sampling import Sampler, SamplingParams
@@ -22,6 +26,23 @@ DEFAULT_CONTEXT_TOKENS = 2048
 PREFILL_CHUNK_TOKENS = 64
 
 
+class LogitsHook(Protocol):
+    """One sequence's constraint on its next token (constrained JSON decoding), consulted at every step.
+
+    ``allowed`` is a boolean mask over the tokenizer's vocabulary (None: any token); tokens it does not
+    cover (a model's padded vocabulary) are never allowed. ``accept`` records the token chosen. Once
+    ``complete`` is true the answer ends with finish reason ``stop``. An end-of-turn token the mask
+    allows ends the answer too, and is not passed to ``accept``.
+    """
+
+    def allowed(self) -> npt.NDArray[np.bool_] | None: ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     messages: tuple[Message, ...]
@@ -30,6 +51,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     arrived_s: float | None = None  # time.monotonic() when the request arrived, for queue_ms
     deadline_s: float | None = None  # time.monotonic() by which generation must end
+    logits_hook: Callable[[], LogitsHook] | None = None  # a fresh hook for each sequence run
 
 
 @dataclass(frozen=True)
@@ -215,6 +237,7 @@ class Engine:
         sampler = Sampler(request.sampling)
         decoder = IncrementalDecoder(self.tokenizer)
         stops = StopMatcher(request.stop)
+        hook = request.logits_hook() if request.logits_hook is not None else None
         history = list(prompt_ids)
         answer = gen.token_ids
         first_token_s: float | None = None
@@ -230,19 +253,21 @@ class Engine:
             if request.deadline_s is not None and time.monotonic() >= request.deadline_s:
                 finish = "deadline"
                 break
-            token = sampler(logits, history)
+            token = sampler(logits, history, hook.allowed() if hook is not None else None)
             if first_token_s is None:
                 first_token_s = time.monotonic()
             if token in self.end_ids:
                 finish = "stop"
                 break
+            if hook is not None:
+                hook.accept(token)
             answer.append(token)
             history.append(token)
             piece = stops.feed(decoder.push(token))
             if piece:
                 text_parts.append(piece)
                 yield piece
-            if stops.stopped:
+            if stops.stopped or (hook is not None and hook.complete):
                 finish = "stop"
                 break
             if len(answer) >= max_tokens:

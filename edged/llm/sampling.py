@@ -76,6 +76,16 @@ def apply_repeat_penalty(logits: Logits, recent: Sequence[int], penalty: float) 
     return out
 
 
+def apply_mask(logits: Logits, allowed: npt.NDArray[np.bool_]) -> Logits:
+    """``logits`` with every token outside ``allowed`` (ids past its end included) at -inf."""
+    if not allowed.any():
+        raise ValueError("the logits hook allows no token at all")
+    out = np.full_like(logits, -np.inf)
+    n = min(allowed.size, logits.size)
+    out[:n] = np.where(allowed[:n], logits[:n], -np.inf)
+    return out
+
+
 def softmax(logits: npt.NDArray[np.floating]) -> Probs:
     """In float64: with a finite max, the sum is at least 1, so no division by zero or NaN."""
     x = logits.astype(np.float64)
@@ -117,8 +127,11 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: Logits, history: Sequence[int]) -> int:
+    def __call__(self, logits: Logits, history: Sequence[int], allowed: npt.NDArray[np.bool_] | None = None) -> int:
+        """The next token; ``allowed`` (a mask over the first ``allowed.size`` ids) excludes every other one."""
         logits = apply_repeat_penalty(logits, history[-REPEAT_WINDOW:], self.params.repeat_penalty)
+        if allowed is not None:
+            logits = apply_mask(logits, allowed)
         if self.params.temperature == 0.0:
             return int(np.argmax(logits))
         ids, probs = candidate_probs(logits, self.params)

@@ -31,8 +31,9 @@ class ChatTokenizer:
     """Renders a conversation with the model's own chat template and turns text into token ids and back."""
 
     def __init__(self, model_dir: Path) -> None:
+        self._path = model_dir / "tokenizer.json"
         try:
-            self._tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+            self._tok = Tokenizer.from_file(str(self._path))
             config: dict[str, Any] = json.loads((model_dir / "tokenizer_config.json").read_text())
         except (OSError, ValueError, Exception) as exc:  # tokenizers raises plain Exception
             raise ModelUnavailable(f"cannot read the tokenizer in {model_dir}: {exc}") from exc
@@ -47,6 +48,15 @@ class ChatTokenizer:
         self._template = env.from_string(template)
         self.bos_token = str(config.get("bos_token") or "")
         self.eos_token = str(config.get("eos_token") or "")
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the tokenizer knows (added tokens included); a model's logits may be wider (padding)."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     def token_id(self, token: str) -> int | None:
         found = self._tok.token_to_id(token)

@@ -149,3 +149,42 @@ def test_scoring_a_sequence_in_pieces_matches_one_pass(engine: Engine) -> None:
     pieces = [engine.session.forward(ids[a:b], cache) for a, b in ((0, 5), (5, 6), (6, len(ids)))]
     np.testing.assert_allclose(np.concatenate(pieces), whole, atol=1e-4)
     assert cache.length == len(ids)
+
+
+class _OnlyTheseTokens:
+    """A logits hook allowing a fixed set of token ids, complete after ``length`` tokens."""
+
+    def __init__(self, vocab: int, ids: list[int], length: int) -> None:
+        self.mask = np.zeros(vocab, dtype=np.bool_)
+        self.mask[ids] = True
+        self.length = length
+        self.seen: list[int] = []
+
+    def allowed(self) -> np.ndarray:
+        return self.mask
+
+    def accept(self, token: int) -> None:
+        self.seen.append(token)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.seen) >= self.length
+
+
+def test_a_logits_hook_confines_every_token_and_ends_the_answer_when_complete(engine: Engine) -> None:
+    vocab = engine.tokenizer.vocab_size
+    ids = [engine.tokenizer.token_id(t) for t in ("a", "b", "c")]
+    assert all(i is not None for i in ids)
+    hooks: list[_OnlyTheseTokens] = []
+
+    def hook() -> _OnlyTheseTokens:
+        hooks.append(_OnlyTheseTokens(vocab, [i for i in ids if i is not None], 7))
+        return hooks[-1]
+
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.5, seed=3)):
+        result = engine.complete(ask("Tell me a long story", max_tokens=50, sampling=sampling, logits_hook=hook))
+        assert result.finish_reason == "stop"
+        assert len(result.token_ids) == 7
+        assert set(result.token_ids) <= set(ids)
+        assert list(result.token_ids) == hooks[-1].seen
+    assert len(hooks) == 2  # one fresh hook per sequence

@@ -19,7 +19,7 @@ from edged.energy import BOARDS, EnergyMeter, PowerModel, detect_board
 from edged.errors import EdgedError, ModelUnavailable
 from edged.inbox import Inbox, Wiring
 from edged.journal import Journal
-from edged.llm import Engine, GenerationRequest, Message
+from edged.llm import Engine, GenerationRequest, LogitsHook, Message
 from edged.metrics import Counts, MetricsServer
 from edged.monitor import Monitor
 from edged.mqtt import Link
@@ -27,6 +27,7 @@ from edged.outbox import Outbox
 from edged.protocol import Defaults
 from edged.scheduler import RateLimiter, Scheduler
 from edged.sensors import Sensors
+from edged.structured import compile_format
 from edged.systemd import notify, setup_logging
 
 log = logging.getLogger("edged")
@@ -93,6 +94,7 @@ class App:
             limiter=RateLimiter(config.rate_limit_per_min, config.rate_limit_burst),
             scheduler=self.scheduler,
             prompt_ids=self.engine.prompt_ids if self.engine else None,
+            compile_format=_format_compiler(self.engine) if self.engine else None,
             node=self._node_state,
             on_ha_status=lambda payload: self.monitor.announce() if payload == b"online" else None,
         )
@@ -202,7 +204,12 @@ class App:
             fault=self._env.get("EDGED_FAULT"),
         )
         self.monitor.lifecycle = self.monitor.lifecycle.loaded()
-        self.inbox.wiring = replace(self.inbox.wiring, scheduler=scheduler, prompt_ids=engine.prompt_ids)
+        self.inbox.wiring = replace(
+            self.inbox.wiring,
+            scheduler=scheduler,
+            prompt_ids=engine.prompt_ids,
+            compile_format=_format_compiler(engine),
+        )
         log.info("model %s loaded (%d threads)", engine.name, engine.session.threads)
         return scheduler
 
@@ -253,6 +260,11 @@ def _new_engine(config: Config) -> Engine:
     )
     engine.complete(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=1))
     return engine
+
+
+def _format_compiler(engine: Engine) -> Callable[[object, int], Callable[[], LogitsHook]]:
+    """The contract's ``format`` (and the answer's token budget) compiled against this engine's tokenizer."""
+    return lambda answer_format, max_tokens: compile_format(answer_format, engine.tokenizer, max_tokens)
 
 
 def _defaults(config: Config) -> Defaults:

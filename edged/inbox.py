@@ -18,7 +18,7 @@ from edged import protocol
 from edged.admission import NodeState, refusal
 from edged.errors import EdgedError, Internal, InvalidRequest, ModelUnavailable
 from edged.journal import Journal, Unfinished
-from edged.llm import GenerationRequest
+from edged.llm import GenerationRequest, LogitsHook
 from edged.metrics import Counts
 from edged.mqtt import Inbound
 from edged.outbox import Outbox
@@ -39,6 +39,7 @@ class Wiring:
     limiter: RateLimiter
     scheduler: Scheduler | None  # None while no model is loaded
     prompt_ids: Callable[[GenerationRequest], list[int]] | None
+    compile_format: Callable[[object, int], Callable[[], LogitsHook]] | None  # format, max_tokens (edged.structured)
     node: Callable[[int], NodeState]  # admission's view of the node, for a request of this priority rank
     on_ha_status: Callable[[bytes], None]
 
@@ -144,8 +145,7 @@ class Inbox:
             error = refusal(request.identity.name, w.limiter.admit(request.identity.key), w.node(request.priority_rank))
             if error is not None:
                 raise error
-            assert w.scheduler is not None and w.prompt_ids is not None
-            prompt_ids = w.prompt_ids(request.generation)
+            request, prompt_ids = self._prepared(request)
         except EdgedError as exc:
             self._refuse(env, request.id, request.identity, request.route, exc)
             return
@@ -153,6 +153,7 @@ class Inbox:
         # the broker's acknowledgement comes only after the record, and the final reply waits for it.
         key = request.identity.key
         self._journal.expect(key, request.id)
+        assert w.scheduler is not None  # _prepared refuses a request while no model is loaded
         try:
             w.scheduler.submit(request, prompt_ids)
         except EdgedError as exc:  # shutting down: refused, not journaled
@@ -160,6 +161,17 @@ class Inbox:
             self._refuse(env, request.id, request.identity, request.route, exc)
             return
         self._journal.record(key, request.id, env)
+
+    def _prepared(self, request: Request) -> tuple[Request, list[int]]:
+        """The request as the engine runs it (its format compiled into a logits hook) and its prompt's token
+        ids; InvalidRequest or TooLong before anything is queued."""
+        w = self.wiring
+        if w.scheduler is None or w.prompt_ids is None or w.compile_format is None:
+            raise ModelUnavailable("no model is loaded on this node", retry_after_s=60)
+        generation = request.generation
+        if request.format is not None:
+            generation = replace(generation, logits_hook=w.compile_format(request.format, generation.max_tokens))
+        return replace(request, generation=generation), w.prompt_ids(generation)
 
     def _cancel(self, env: Envelope) -> None:
         w = self.wiring
@@ -213,12 +225,12 @@ class Inbox:
                 if isinstance(parsed, Refusal):
                     raise parsed.error
                 request = replace(parsed, id=row.id, identity=identity)
-                if w.scheduler is None or w.prompt_ids is None:
-                    raise ModelUnavailable("no model is loaded on this node", retry_after_s=60)
                 if time.time() >= request.deadline_at:
                     self._outbox.ended(request, "deadline")
                     continue
-                w.scheduler.submit(request, w.prompt_ids(request.generation), force=True)
+                request, prompt_ids = self._prepared(request)
+                assert w.scheduler is not None
+                w.scheduler.submit(request, prompt_ids, force=True)
             except EdgedError as exc:
                 self._outbox.failed(stand_in, exc)
 

@@ -103,6 +103,7 @@ class Request:
     priority: str
     received_at: float  # wall clock
     deadline_at: float  # wall clock
+    format: str | dict[str, Any] | None = None  # "json" or a JSON schema: compiled against the model's tokenizer
 
     @property
     def priority_rank(self) -> int:
@@ -372,8 +373,9 @@ def _request(
         raise InvalidRequest("client must be a string")
     if fields.get("profile") is not None:
         raise InvalidRequest(f"profile {fields['profile']!r} is not configured on this node")
-    if fields.get("format") is not None:
-        raise InvalidRequest("format (JSON-constrained answers) is not available on this node yet")
+    answer_format = fields.get("format")
+    if answer_format is not None and answer_format != "json" and not isinstance(answer_format, dict):
+        raise InvalidRequest('format must be "json" or a JSON schema object')
 
     messages = _messages(fields, defaults)
     max_tokens = _int(fields, "max_tokens", defaults.max_tokens, minimum=1)
@@ -411,6 +413,7 @@ def _request(
         priority=priority,
         received_at=received,
         deadline_at=received + deadline_ms / 1000,
+        format=answer_format,
     )
 
 

@@ -19,11 +19,13 @@ from edged.energy import BOARDS, EnergyMeter, PowerModel, detect_board
 from edged.errors import EdgedError, ModelUnavailable
 from edged.inbox import Inbox, Wiring
 from edged.journal import Journal
+from edged.knowledge import KnowledgeBase
 from edged.llm import Engine, GenerationRequest, LogitsHook, Message
 from edged.metrics import Counts, MetricsServer
 from edged.monitor import Monitor
 from edged.mqtt import Link
 from edged.outbox import Outbox
+from edged.profiles import Catalog
 from edged.protocol import Defaults
 from edged.scheduler import RateLimiter, Scheduler
 from edged.sensors import Sensors
@@ -95,6 +97,8 @@ class App:
             scheduler=self.scheduler,
             prompt_ids=self.engine.prompt_ids if self.engine else None,
             compile_format=_format_compiler(self.engine) if self.engine else None,
+            knowledge=_knowledge_bases(config),
+            context_tokens=self.engine.context_tokens if self.engine else config.context_tokens,
             node=self._node_state,
             on_ha_status=lambda payload: self.monitor.announce() if payload == b"online" else None,
         )
@@ -209,6 +213,7 @@ class App:
             scheduler=scheduler,
             prompt_ids=engine.prompt_ids,
             compile_format=_format_compiler(engine),
+            context_tokens=engine.context_tokens,
         )
         log.info("model %s loaded (%d threads)", engine.name, engine.session.threads)
         return scheduler
@@ -262,6 +267,18 @@ def _new_engine(config: Config) -> Engine:
     return engine
 
 
+def _knowledge_bases(config: Config) -> dict[str, KnowledgeBase]:
+    """The knowledge bases the profiles name, read from disk (at start and on reload); one that cannot be read
+    is logged, and its profile's requests are refused until it is built."""
+    bases = {}
+    for name in sorted({p.knowledge for p in config.profiles.values() if p.knowledge}):
+        try:
+            bases[name] = KnowledgeBase.load(config.resolved_knowledge_dir() / name)
+        except (OSError, ValueError) as exc:
+            log.error("knowledge base %s: %s; run `edged kb build DIR -o %s`", name, exc, name)
+    return bases
+
+
 def _format_compiler(engine: Engine) -> Callable[[object, int], Callable[[], LogitsHook]]:
     """The contract's ``format`` (and the answer's token budget) compiled against this engine's tokenizer."""
     return lambda answer_format, max_tokens: compile_format(answer_format, engine.tokenizer, max_tokens)
@@ -279,6 +296,8 @@ def _defaults(config: Config) -> Defaults:
         reply_topics=config.reply_topics,
         v1_reply_topics=config.v1_reply_topics,
         homeassistant_prefix=config.homeassistant_prefix,
+        profiles=Catalog(config.profiles, config.profile),
+        model=config.model,
     )
 
 

@@ -115,9 +115,58 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(f"{'PROFILE':<20} {'MAX':>5} {'KNOWLEDGE':<12} {'FORMAT':<7} DESCRIPTION")
+    for name, p in sorted(config.profiles.items()):
+        shape = "" if p.format is None else "json" if p.format == "json" else "schema"
+        default = " (default)" if name == config.profile else ""
+        print(f"{name:<20} {p.max_tokens or '':>5} {p.knowledge:<12} {shape:<7} {p.description}{default}")
+    if not config.profiles:
+        print(f"(none: add NAME.toml files to {config.resolved_profiles_dir()} or [profiles.NAME] tables)")
+    return 0
+
+
+def cmd_profile_show(args: argparse.Namespace) -> int:
+    import json
+
+    config = _config(args)
+    if args.name not in config.profiles:
+        known = ", ".join(sorted(config.profiles)) or "none"
+        raise ValueError(f"no profile {args.name!r}; profiles: {known}")
+    print(json.dumps(config.profiles[args.name].as_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_kb_build(args: argparse.Namespace) -> int:
+    from edged.knowledge import build
+
+    source = Path(args.dir)
+    if not source.is_dir():
+        raise ValueError(f"{source} is not a folder of Markdown or text documents")
+    name = args.output or source.resolve().name
+    build(source, _config(args).resolved_knowledge_dir() / name, _log)
+    print(f"knowledge base {name}: name it in a profile with knowledge = {name!r}")
+    return 0
+
+
+def cmd_kb_query(args: argparse.Namespace) -> int:
+    from edged.knowledge import KnowledgeBase
+
+    base = KnowledgeBase.load(_config(args).resolved_knowledge_dir() / args.name)
+    found = base.search(args.question, k=args.k)
+    for f in found:
+        print(f"{f.score:6.2f}  {f.passage.file} # {f.passage.heading}\n        {f.passage.text[:300]}")
+    if not found:
+        print("(nothing in this knowledge base shares a word with the question)")
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     if not args.local:
         return _ask_mqtt(args)
+    if args.profile:
+        raise ValueError("--profile is applied by a node (knowledge base included): ask over MQTT, without --local")
     from edged.llm import Engine, GenerationRequest, Message, SamplingParams
 
     engine = Engine(_models_dir(args) / args.model, threads=args.threads, context_tokens=args.context_tokens)
@@ -132,7 +181,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     def answer(question: str) -> None:
         request = GenerationRequest(
             messages=(Message("user", question),),
-            max_tokens=args.max_tokens,
+            max_tokens=args.max_tokens or 256,
             sampling=sampling,
             stop=tuple(args.stop),
         )
@@ -173,6 +222,8 @@ def _ask_mqtt(args: argparse.Namespace) -> int:
 
     if args.question is None:
         raise EdgedError("give a question (or use --local for an interactive session)")
+    # only what the asker set: the node's profile and defaults fill in the rest
+    fields = {k: v for k, v in (("profile", args.profile), ("max_tokens", args.max_tokens)) if v is not None}
     config = _config(args)
     broker = config.broker.url or f"mqtt://127.0.0.1:{config.broker.local_port}"
     node = None if args.fleet else config.node_id
@@ -197,7 +248,10 @@ def _ask_mqtt(args: argparse.Namespace) -> int:
         key_file=b.key_file,
     ) as client:
         reply = client.ask(
-            args.question, timeout_s=args.timeout, on_delta=show if streaming else None, max_tokens=args.max_tokens
+            args.question,
+            timeout_s=args.timeout,
+            on_delta=show if streaming else None,
+            **fields,
         )
     if args.json:
         print(json.dumps(reply, ensure_ascii=False))
@@ -353,6 +407,32 @@ def _parser() -> argparse.ArgumentParser:
     node_args(p)
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser("profile", help="assistant profiles")
+    psub = p.add_subparsers(dest="profile_command", required=True)
+    p = psub.add_parser("list", help="the profiles a node with this configuration serves")
+    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present)")
+    p.set_defaults(func=cmd_profile_list)
+    p = psub.add_parser("show", help="one profile's settings")
+    p.add_argument("name")
+    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present)")
+    p.set_defaults(func=cmd_profile_show)
+
+    p = sub.add_parser("kb", help="local knowledge bases for profiles")
+    ksub = p.add_subparsers(dest="kb_command", required=True)
+    p = ksub.add_parser("build", help="index a folder of Markdown/text documents, split by heading")
+    p.add_argument("dir")
+    p.add_argument("-o", "--output", metavar="NAME", help="the base's name (default: the folder's name)")
+    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present): knowledge_dir")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_kb_build)
+    p = ksub.add_parser("query", help="the passages a question retrieves")
+    p.add_argument("name")
+    p.add_argument("question")
+    p.add_argument("-k", type=int, default=3, help="passages at most (default 3)")
+    p.add_argument("--config", help=f"TOML file (default {DEFAULT_CONFIG} when present): knowledge_dir")
+    models_dir_arg(p)
+    p.set_defaults(func=cmd_kb_query)
+
     p = sub.add_parser("ask", help="ask a question (over MQTT, or --local in this process)")
     p.add_argument("question", nargs="?", help="omit for an interactive session (with --local)")
     p.add_argument("--local", action="store_true", help="run the model in this process, no broker")
@@ -367,11 +447,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no persistent MQTT session (by default the answer still arrives across a broker restart)",
     )
+    p.add_argument("--profile", help="the node's assistant profile to answer with (over MQTT)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help="print the final reply as JSON")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, help="default: the profile's, else the node's (--local: 256)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edged import profiles
 from edged.governor import Thresholds
+from edged.profiles import Profile
 from edged.store import checkout_dir, default_models_dir
 
 DEFAULT_CONFIG = Path("/etc/edged/edged.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edged")
+DEFAULT_PROFILES_DIR = Path("/etc/edged/profiles")
 LOCAL_BROKER_PORT = 1883
 
 
@@ -68,6 +71,9 @@ class Config:
     model: str = "smollm2-135m-instruct"
     models_dir: str = ""  # default: models/ of a checkout, else /var/lib/edged/models
     state_dir: str = ""  # journal and private broker; default /var/lib/edged (or $STATE_DIRECTORY)
+    profiles_dir: str = ""  # profiles as <name>.toml; default: profiles/ of a checkout, else /etc/edged/profiles
+    profile: str = ""  # the profile of a request that names none; empty: none
+    knowledge_dir: str = ""  # knowledge bases (`edged kb build`); default: knowledge/ beside the models directory
     threads: int = 0  # 0: all cores on 1-2 core boards, else cores - 1
     context_tokens: int = 2048
     system_prompt: str = ""  # empty: the model's own default system turn
@@ -96,9 +102,19 @@ class Config:
     v1_reply_topics: tuple[str, ...] = ("#",)  # requests on the v1 topics (loopback and anonymous setups)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     governor: Thresholds = field(default_factory=Thresholds)
+    profiles: dict[str, Profile] = field(default_factory=dict)  # profiles_dir's files and [profiles.<name>] tables
 
     def resolved_models_dir(self) -> Path:
         return Path(self.models_dir) if self.models_dir else default_models_dir()
+
+    def resolved_profiles_dir(self) -> Path:
+        if self.profiles_dir:
+            return Path(self.profiles_dir)
+        checkout = checkout_dir()
+        return checkout / "profiles" if checkout else DEFAULT_PROFILES_DIR
+
+    def resolved_knowledge_dir(self) -> Path:
+        return Path(self.knowledge_dir) if self.knowledge_dir else self.resolved_models_dir().parent / "knowledge"
 
     def resolved_state_dir(self) -> Path:
         """The config's, else systemd's $STATE_DIRECTORY, else ``state/`` in a checkout, else /var/lib/edged."""
@@ -154,6 +170,9 @@ def validate(config: Config) -> Config:
                 pattern.format(prefix="p", node="n", client="c")
             except (KeyError, IndexError, ValueError) as exc:
                 raise ConfigError(f"{key}: {pattern!r} may only use {{prefix}}, {{node}} and {{client}}") from exc
+    if config.profile and config.profile not in config.profiles:
+        known = ", ".join(sorted(config.profiles)) or "none"
+        raise ConfigError(f"profile {config.profile!r} (the default) is not defined; profiles: {known}")
     g = config.governor
     if not g.warm_c < g.hot_c < g.critical_c:
         raise ConfigError("governor thresholds must rise: warm_c < hot_c < critical_c")
@@ -203,8 +222,9 @@ def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> C
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     broker_data, governor_data = data.pop("broker", {}), data.pop("governor", {})
-    if not isinstance(broker_data, dict) or not isinstance(governor_data, dict):
-        raise ConfigError("[broker] and [governor] must be tables")
+    profile_tables = data.pop("profiles", {})
+    if not all(isinstance(t, dict) for t in (broker_data, governor_data, profile_tables)):
+        raise ConfigError("[broker], [governor] and [profiles] must be tables")
     top = _check_types("the configuration", Config, data)
     broker = _check_types("[broker]", BrokerConfig, broker_data)
     governor = _check_types("[governor]", Thresholds, governor_data)
@@ -229,6 +249,10 @@ def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> C
             top[key] = value
 
     config = Config(**top, broker=BrokerConfig(**broker), governor=Thresholds(**governor))
+    try:
+        config = replace(config, profiles=profiles.load(config.resolved_profiles_dir(), profile_tables))
+    except profiles.ProfileError as exc:
+        raise ConfigError(str(exc)) from exc
     return validate(replace(config, broker=replace(config.broker, password=_password(config.broker, env))))
 
 

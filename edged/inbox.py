@@ -11,18 +11,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from edged import protocol
+from edged import knowledge, protocol
 from edged.admission import NodeState, refusal
-from edged.errors import EdgedError, Internal, InvalidRequest, ModelUnavailable
+from edged.errors import EdgedError, Internal, InvalidRequest, ModelUnavailable, TooLong
 from edged.journal import Journal, Unfinished
+from edged.knowledge import KnowledgeBase
 from edged.llm import GenerationRequest, LogitsHook
 from edged.metrics import Counts
 from edged.mqtt import Inbound
 from edged.outbox import Outbox
-from edged.protocol import Defaults, Envelope, Identity, Refusal, Request, Route
+from edged.protocol import Defaults, Envelope, Identity, Refusal, Request, Route, Source
 from edged.scheduler import RateLimiter, Scheduler
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class Wiring:
     scheduler: Scheduler | None  # None while no model is loaded
     prompt_ids: Callable[[GenerationRequest], list[int]] | None
     compile_format: Callable[[object, int], Callable[[], LogitsHook]] | None  # format, max_tokens (edged.structured)
+    knowledge: Mapping[str, KnowledgeBase]  # the profiles' knowledge bases that could be loaded, by name
+    context_tokens: int  # the loaded model's context budget: passages found give way to the answer's tokens
     node: Callable[[int], NodeState]  # admission's view of the node, for a request of this priority rank
     on_ha_status: Callable[[bytes], None]
 
@@ -171,7 +174,36 @@ class Inbox:
         generation = request.generation
         if request.format is not None:
             generation = replace(generation, logits_hook=w.compile_format(request.format, generation.max_tokens))
-        return replace(request, generation=generation), w.prompt_ids(generation)
+        request = replace(request, generation=generation)
+        if request.knowledge:
+            return self._grounded(request)
+        return request, w.prompt_ids(generation)
+
+    def _grounded(self, request: Request) -> tuple[Request, list[int]]:
+        """The request with the best passages of its profile's knowledge base in the prompt, as many as fit
+        the context beside the answer's max_tokens, and the sources they came from."""
+        w = self.wiring
+        base = w.knowledge.get(request.knowledge)
+        if base is None:
+            raise ModelUnavailable(
+                f"the knowledge base {request.knowledge!r} of profile {request.profile!r} is not built on this node: "
+                f"run `edged kb build DIR -o {request.knowledge}`, then reload"
+            )
+        assert w.prompt_ids is not None
+        asked = request.generation
+        found = [f.passage for f in base.search(knowledge.question(asked.messages))]
+        while True:
+            generation = replace(asked, messages=knowledge.with_notes(asked.messages, found))
+            try:
+                ids = w.prompt_ids(generation)
+                if not found or len(ids) + asked.max_tokens <= w.context_tokens:
+                    break
+            except TooLong:
+                if not found:
+                    raise
+            found.pop()  # the weakest passage gives way to the answer
+        sources = tuple(dict.fromkeys(Source(p.file, p.heading) for p in found))
+        return replace(request, generation=generation, sources=sources), ids
 
     def _cancel(self, env: Envelope) -> None:
         w = self.wiring

@@ -82,7 +82,9 @@ class Outbox:
             energy_j,
             extra={"request_id": request.id},
         )
-        self.final(request, protocol.final(request.id, r, model=model, node=self._node, energy_j=energy_j))
+        sources = request.sources if request.knowledge else None
+        payload = protocol.final(request.id, r, model=model, node=self._node, energy_j=energy_j, sources=sources)
+        self.final(request, payload)
 
     def ended(self, request: Request, finish_reason: str) -> None:
         queue_ms = (time.time() - request.received_at) * 1000

@@ -7,14 +7,15 @@ import math
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from paho.mqtt.client import topic_matches_sub
 
-from edged.errors import EdgedError, InvalidRequest, TooLong
+from edged.errors import EdgedError, InvalidRequest, ModelUnavailable, TooLong
 from edged.llm import GenerationRequest, GenerationResult, Message, SamplingParams
+from edged.profiles import Catalog, Profile
 from edged.sensors import PowerSnapshot
 
 CONTRACT_VERSION = 1
@@ -104,10 +105,21 @@ class Request:
     received_at: float  # wall clock
     deadline_at: float  # wall clock
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema: compiled against the model's tokenizer
+    profile: str = ""  # the profile it runs with (empty: none)
+    knowledge: str = ""  # the profile's knowledge base, whose passages go into the prompt
+    sources: tuple[Source, ...] = ()  # the passages put into the prompt, named in the final reply
 
     @property
     def priority_rank(self) -> int:
         return PRIORITIES.index(self.priority)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A passage of a knowledge base that went into the prompt: its file and heading."""
+
+    file: str
+    heading: str
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,8 @@ class Defaults:
     reply_topics: tuple[str, ...] = ("{prefix}/{node}/answer/{client}/#", "kiosk/{client}/#")
     v1_reply_topics: tuple[str, ...] = ("#",)
     homeassistant_prefix: str = "homeassistant"
+    profiles: Catalog = field(default_factory=Catalog)
+    model: str = ""  # the model the node serves, which a profile's model must name
 
     def topic(self, leaf: str) -> str:
         return f"{self.prefix}/{self.node}/{leaf}"
@@ -371,13 +385,22 @@ def _request(
         raise InvalidRequest("id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
     if "client" in fields and not isinstance(fields["client"], str):
         raise InvalidRequest("client must be a string")
-    if fields.get("profile") is not None:
-        raise InvalidRequest(f"profile {fields['profile']!r} is not configured on this node")
+    profile_name = fields.get("profile")
+    if profile_name is not None and not isinstance(profile_name, str):
+        raise InvalidRequest("profile must be a string")
+    profile = defaults.profiles.pick(profile_name)
+    if profile is not None:
+        if profile.model and profile.model != defaults.model:
+            serves = f"this node serves {defaults.model}"
+            raise ModelUnavailable(f"profile {profile.name!r} runs on {profile.model}; {serves}")
+        fields = {**_profile_fields(profile), **fields}  # the request's own fields win
     answer_format = fields.get("format")
     if answer_format is not None and answer_format != "json" and not isinstance(answer_format, dict):
         raise InvalidRequest('format must be "json" or a JSON schema object')
 
     messages = _messages(fields, defaults)
+    if profile is not None and profile.style:
+        messages = _with_style(messages, profile.style)
     max_tokens = _int(fields, "max_tokens", defaults.max_tokens, minimum=1)
     deadline_ms = _int(fields, "deadline_ms", defaults.deadline_ms, minimum=1, maximum=MAX_DEADLINE_MS)
     sampling = SamplingParams(
@@ -414,7 +437,23 @@ def _request(
         received_at=received,
         deadline_at=received + deadline_ms / 1000,
         format=answer_format,
+        profile=profile.name if profile else "",
+        knowledge=profile.knowledge if profile else "",
     )
+
+
+def _profile_fields(profile: Profile) -> dict[str, Any]:
+    """What the profile sets, as request fields: the fallback for the request's own."""
+    out: dict[str, Any] = {
+        key: getattr(profile, key)
+        for key in ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed", "format")
+        if getattr(profile, key) is not None
+    }
+    if profile.stop:
+        out["stop"] = list(profile.stop)
+    if profile.system:
+        out["system"] = profile.system
+    return out
 
 
 def _messages(fields: dict[str, Any], defaults: Defaults) -> tuple[Message, ...]:
@@ -447,6 +486,15 @@ def _messages(fields: dict[str, Any], defaults: Defaults) -> tuple[Message, ...]
     return tuple(turns)
 
 
+def _with_style(messages: tuple[Message, ...], style: str) -> tuple[Message, ...]:
+    """The conversation with the profile's style note after its last user turn."""
+    last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last is None:
+        return messages
+    styled = Message("user", f"{messages[last].content}\n\n{style}")
+    return (*messages[:last], styled, *messages[last + 1 :])
+
+
 def _int(fields: dict[str, Any], key: str, default: int | None, minimum: int, maximum: int = 2**63 - 1) -> Any:
     value = fields.get(key, default)
     if value is None and default is None:
@@ -469,8 +517,18 @@ def chunk(request_id: str, seq: int, delta: str) -> bytes:
     return _dump({"id": request_id, "seq": seq, "delta": delta, "done": False})
 
 
-def final(request_id: str, result: GenerationResult, *, model: str, node: str, energy_j: float | None) -> bytes:
+def final(
+    request_id: str,
+    result: GenerationResult,
+    *,
+    model: str,
+    node: str,
+    energy_j: float | None,
+    sources: tuple[Source, ...] | None = None,
+) -> bytes:
+    """The final reply of an answer; ``sources`` (None: no knowledge base was used) names the passages."""
     t = result.timings
+    extra = {} if sources is None else {"sources": [{"file": s.file, "heading": s.heading} for s in sources]}
     return _dump(
         {
             "id": request_id,
@@ -491,6 +549,7 @@ def final(request_id: str, result: GenerationResult, *, model: str, node: str, e
             "energy_j": energy_j,
             "model": model,
             "node": node,
+            **extra,
         }
     )
 

@@ -81,7 +81,8 @@ def test_example_config_documents_every_key_and_loads() -> None:
     assert config.broker.url == "" and config.queue_capacity == 16
     text = path.read_text()
     for f in fields(Config) + fields(Thresholds):
-        if f.name not in ("broker", "governor"):
+        if f.name not in ("broker", "governor", "profiles"):
             assert re.search(rf"^#? ?{f.name} =", text, re.M), f.name
     for f in fields(BrokerConfig):
         assert re.search(rf"^#? ?{f.name} =", text, re.M), f"broker.{f.name}"
+    assert re.search(r"^# \[profiles\.\w+\]", text, re.M)

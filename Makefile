@@ -7,11 +7,13 @@ MODEL  ?= smollm2-135m-instruct
 .PHONY: setup system models run test lint clean bench peers
 
 # Debian packages: the broker (the daemon's private one and the tests'), its clients (mosquitto_rr in the
-# tests) and systemd-analyze (unit tests). Installed with apt when missing, as root or through sudo.
-APT_PACKAGES = mosquitto mosquitto-clients systemd
+# tests), systemd-analyze (unit tests), and Chromium with its WebDriver (the kiosk page's test). Installed with
+# apt when missing, as root or through sudo.
+APT_PACKAGES = mosquitto mosquitto-clients systemd chromium chromium-driver
 system:
 	@if ! command -v mosquitto_rr >/dev/null || ! { command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null \
-	    || ! command -v systemd-analyze >/dev/null; then \
+	    || ! command -v systemd-analyze >/dev/null || ! command -v chromium >/dev/null \
+	    || ! command -v chromedriver >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "installing $(APT_PACKAGES)"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \

@@ -31,12 +31,22 @@ from edged.scheduler import RateLimiter, Scheduler
 from edged.sensors import Sensors
 from edged.structured import compile_format
 from edged.systemd import notify, setup_logging
+from edged.web import FrontDoor, Served
 
 log = logging.getLogger("edged")
 _INBOX_CAPACITY = 256
 _FIRST_CONNECT_S = 5.0  # READY=1 waits this long for the broker, so "ready" means connected when it can
 # Settings that only a restart changes; a reload keeps the running values.
-_FIXED = ("node_id", "topic_prefix", "state_dir", "sysfs_root", "metrics_port", "broker", "homeassistant_prefix")
+_FIXED = (
+    "node_id",
+    "topic_prefix",
+    "state_dir",
+    "sysfs_root",
+    "metrics_port",
+    "broker",
+    "http",
+    "homeassistant_prefix",
+)
 
 
 class App:
@@ -57,7 +67,10 @@ class App:
         root = Path(config.sysfs_root)
         board = BOARDS[config.board or detect_board(root)]
         self.meter = EnergyMeter(PowerModel(config.idle_w or board.idle_w, config.busy_w or board.busy_w))
-        self.broker = None if config.broker.url else LocalBroker(config.resolved_state_dir(), config.broker.local_port)
+        self.broker = None
+        if not config.broker.url:
+            b = config.broker
+            self.broker = LocalBroker(config.resolved_state_dir(), b.local_port, ws_port=b.local_ws_port)
         self.journal = Journal(config.resolved_state_dir() / "journal.sqlite")
         broker_config = replace(config.broker, url=self.broker.url) if self.broker else config.broker
         client_id = broker_config.client_id or f"edged-{config.node_id}"
@@ -88,6 +101,10 @@ class App:
         )
         self.monitor.link, self.monitor.fleet_link = self.link, self.fleet_link
         self.inbox = Inbox(_INBOX_CAPACITY, self._wiring(config), self.journal, self.outbox, self.counters)
+        self.front_door = None
+        if config.http.enabled:
+            served = Served(wiring=lambda: self.inbox.wiring, engine=lambda: self.engine)
+            self.front_door = FrontDoor(config.http, served, self.counters)
 
     def _wiring(self, config: Config) -> Wiring:
         return Wiring(
@@ -160,6 +177,8 @@ class App:
         self.inbox.start()
         if self.scheduler is not None:
             self.scheduler.start()
+        if self.front_door is not None:
+            self.front_door.start()
         self.journal.prune(config.journal_keep, config.journal_keep_s)
         notify("READY=1", f"STATUS={self.monitor.status_line()}")
 
@@ -167,6 +186,8 @@ class App:
         self.monitor.lifecycle = self.monitor.lifecycle.stopping()
         notify("STOPPING=1")
         self.fleet_link.stop()  # leave the fleet first: no more of its work comes
+        if self.front_door is not None:
+            self.front_door.stop()  # its requests are not journaled: they are cancelled and answered
         self.inbox.stop()  # handles what it holds; later messages stay with the broker for the next run
         if self.scheduler is not None:
             self.scheduler.stop(self.config.stop_grace_s)  # queued requests stay journaled for the next run

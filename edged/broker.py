@@ -28,9 +28,10 @@ def find_mosquitto() -> str | None:
 class LocalBroker:
     """Mosquitto bound to loopback only, TCP_NODELAY and persistence on, its files under ``state_dir``."""
 
-    def __init__(self, state_dir: Path, port: int, *, autosave_s: int = 10) -> None:
+    def __init__(self, state_dir: Path, port: int, *, autosave_s: int = 10, ws_port: int = 0) -> None:
         self.dir = state_dir / "broker"
         self.port = port
+        self.ws_port = ws_port  # MQTT over WebSockets on 127.0.0.1 for the kiosk page; 0: none
         self._autosave_s = autosave_s  # how much a SIGKILLed broker may lose of what it was given
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -46,11 +47,17 @@ class LocalBroker:
                 f"port {self.port} on 127.0.0.1 is taken (another broker?): set broker.url to "
                 f"mqtt://127.0.0.1:{self.port} to use it, or broker.local_port to another port"
             )
+        if self.ws_port and _listening(self.ws_port):
+            raise BrokerUnavailable(
+                f"port {self.ws_port} on 127.0.0.1 is taken: set broker.local_ws_port to another port (0: none)"
+            )
+        websockets = f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\n" if self.ws_port else ""
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
             "# Written by edged for its private broker; edits are overwritten at start.\n"
             f"listener {self.port} 127.0.0.1\n"
+            f"{websockets}"
             "allow_anonymous true\n"
             "set_tcp_nodelay true\n"
             "persistence true\n"

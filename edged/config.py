@@ -44,6 +44,10 @@ class BrokerConfig:
     keepalive_s: int = 30
     session_expiry_s: int = 86400  # how long the broker keeps our subscriptions and queued requests
     local_port: int = LOCAL_BROKER_PORT  # port of the private broker when url is empty
+    # MQTT over WebSockets for the kiosk page on the private broker (9001 is usual); 0: none. Mosquitto 2.0.11
+    # (Debian 12) binds a WebSockets listener to every address whatever it is told, and the private broker
+    # lets anyone in: only on a board whose LAN is trusted or firewalled (see README, "The kiosk page").
+    local_ws_port: int = 0
     allow_plaintext_password: bool = False  # let a password travel unencrypted (mqtt://) to another host
 
     @property
@@ -62,6 +66,32 @@ class BrokerConfig:
     @property
     def tls(self) -> bool:
         return urlsplit(self.url).scheme == "mqtts"
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP front door: the Ollama and OpenAI APIs and the kiosk page (off by default)."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:11434"  # host:port ([v6]:port); anything but loopback needs api_key
+    api_key: str = ""  # bearer token every request must carry; prefer api_key_file or the credential
+    api_key_file: str = ""  # or the systemd credential "http-api-key"
+    kiosk_broker: str = ""  # the MQTT WebSockets URL the kiosk page uses; empty: ws://<the page's host>:9001
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ConfigError(f"http.listen {listen!r} must look like 127.0.0.1:11434 or [::1]:11434")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 @dataclass(frozen=True)
@@ -101,6 +131,7 @@ class Config:
     reply_topics: tuple[str, ...] = ("{prefix}/{node}/answer/{client}/#", "kiosk/{client}/#")  # scoped requests
     v1_reply_topics: tuple[str, ...] = ("#",)  # requests on the v1 topics (loopback and anonymous setups)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     governor: Thresholds = field(default_factory=Thresholds)
     profiles: dict[str, Profile] = field(default_factory=dict)  # profiles_dir's files and [profiles.<name>] tables
 
@@ -196,6 +227,12 @@ def validate(config: Config) -> Config:
                 f"broker.url mqtt://{parts.hostname} would send {who} unencrypted to a host that is not "
                 "loopback: use mqtts:// or set broker.allow_plaintext_password = true"
             )
+    host = config.http.host  # a malformed listen address is refused even while the front door is off
+    if config.http.enabled and not config.http.api_key and not _loopback(host):
+        raise ConfigError(
+            f"http.listen {config.http.listen} is reachable from other machines: set http.api_key "
+            "(or http.api_key_file) so only clients with the token are served, or listen on 127.0.0.1"
+        )
     return config
 
 
@@ -221,13 +258,14 @@ def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> C
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    broker_data, governor_data = data.pop("broker", {}), data.pop("governor", {})
+    broker_data, governor_data, http_data = data.pop("broker", {}), data.pop("governor", {}), data.pop("http", {})
     profile_tables = data.pop("profiles", {})
-    if not all(isinstance(t, dict) for t in (broker_data, governor_data, profile_tables)):
-        raise ConfigError("[broker], [governor] and [profiles] must be tables")
+    if not all(isinstance(t, dict) for t in (broker_data, governor_data, http_data, profile_tables)):
+        raise ConfigError("[broker], [governor], [http] and [profiles] must be tables")
     top = _check_types("the configuration", Config, data)
     broker = _check_types("[broker]", BrokerConfig, broker_data)
     governor = _check_types("[governor]", Thresholds, governor_data)
+    http = _check_types("[http]", HttpConfig, http_data)
 
     env_map = {
         "EDGED_NODE": (top, "node_id"),
@@ -248,25 +286,40 @@ def load(path: Path | None, env: dict[str, str], overrides: dict[str, Any]) -> C
         else:
             top[key] = value
 
-    config = Config(**top, broker=BrokerConfig(**broker), governor=Thresholds(**governor))
+    config = Config(**top, broker=BrokerConfig(**broker), http=HttpConfig(**http), governor=Thresholds(**governor))
     try:
         config = replace(config, profiles=profiles.load(config.resolved_profiles_dir(), profile_tables))
     except profiles.ProfileError as exc:
         raise ConfigError(str(exc)) from exc
-    return validate(replace(config, broker=replace(config.broker, password=_password(config.broker, env))))
+    return validate(
+        replace(
+            config,
+            broker=replace(config.broker, password=_password(config.broker, env)),
+            http=replace(config.http, api_key=_api_key(config.http, env)),
+        )
+    )
 
 
 def _password(broker: BrokerConfig, env: dict[str, str]) -> str:
     """The broker password: inline, a file, or the systemd credential ``broker-password``."""
-    if broker.password:
-        return broker.password
-    candidates = [broker.password_file] if broker.password_file else []
+    return _secret(broker.password, broker.password_file, "broker.password_file", "broker-password", env)
+
+
+def _api_key(http: HttpConfig, env: dict[str, str]) -> str:
+    """The HTTP bearer token: inline, a file, or the systemd credential ``http-api-key``."""
+    return _secret(http.api_key, http.api_key_file, "http.api_key_file", "http-api-key", env)
+
+
+def _secret(inline: str, file: str, file_key: str, credential: str, env: dict[str, str]) -> str:
+    if inline:
+        return inline
+    candidates = [file] if file else []
     if env.get("CREDENTIALS_DIRECTORY"):
-        candidates.append(str(Path(env["CREDENTIALS_DIRECTORY"]) / "broker-password"))
+        candidates.append(str(Path(env["CREDENTIALS_DIRECTORY"]) / credential))
     for candidate in candidates:
         try:
             return Path(candidate).read_text().strip()
         except OSError as exc:
-            if candidate == broker.password_file:
-                raise ConfigError(f"broker.password_file {candidate}: {exc.strerror}") from exc
+            if candidate == file:
+                raise ConfigError(f"{file_key} {candidate}: {exc.strerror}") from exc
     return ""

@@ -145,10 +145,7 @@ class Inbox:
             log.info("repeated id %s (%s)", request.id, seen.state, extra={"request_id": request.id})
             return
         try:
-            error = refusal(request.identity.name, w.limiter.admit(request.identity.key), w.node(request.priority_rank))
-            if error is not None:
-                raise error
-            request, prompt_ids = self._prepared(request)
+            request, prompt_ids = admit(w, request)
         except EdgedError as exc:
             self._refuse(env, request.id, request.identity, request.route, exc)
             return
@@ -156,7 +153,7 @@ class Inbox:
         # the broker's acknowledgement comes only after the record, and the final reply waits for it.
         key = request.identity.key
         self._journal.expect(key, request.id)
-        assert w.scheduler is not None  # _prepared refuses a request while no model is loaded
+        assert w.scheduler is not None  # admit refuses a request while no model is loaded
         try:
             w.scheduler.submit(request, prompt_ids)
         except EdgedError as exc:  # shutting down: refused, not journaled
@@ -164,46 +161,6 @@ class Inbox:
             self._refuse(env, request.id, request.identity, request.route, exc)
             return
         self._journal.record(key, request.id, env)
-
-    def _prepared(self, request: Request) -> tuple[Request, list[int]]:
-        """The request as the engine runs it (its format compiled into a logits hook) and its prompt's token
-        ids; InvalidRequest or TooLong before anything is queued."""
-        w = self.wiring
-        if w.scheduler is None or w.prompt_ids is None or w.compile_format is None:
-            raise ModelUnavailable("no model is loaded on this node", retry_after_s=60)
-        generation = request.generation
-        if request.format is not None:
-            generation = replace(generation, logits_hook=w.compile_format(request.format, generation.max_tokens))
-        request = replace(request, generation=generation)
-        if request.knowledge:
-            return self._grounded(request)
-        return request, w.prompt_ids(generation)
-
-    def _grounded(self, request: Request) -> tuple[Request, list[int]]:
-        """The request with the best passages of its profile's knowledge base in the prompt, as many as fit
-        the context beside the answer's max_tokens, and the sources they came from."""
-        w = self.wiring
-        base = w.knowledge.get(request.knowledge)
-        if base is None:
-            raise ModelUnavailable(
-                f"the knowledge base {request.knowledge!r} of profile {request.profile!r} is not built on this node: "
-                f"run `edged kb build DIR -o {request.knowledge}`, then reload"
-            )
-        assert w.prompt_ids is not None
-        asked = request.generation
-        found = [f.passage for f in base.search(knowledge.question(asked.messages))]
-        while True:
-            generation = replace(asked, messages=knowledge.with_notes(asked.messages, found))
-            try:
-                ids = w.prompt_ids(generation)
-                if not found or len(ids) + asked.max_tokens <= w.context_tokens:
-                    break
-            except TooLong:
-                if not found:
-                    raise
-            found.pop()  # the weakest passage gives way to the answer
-        sources = tuple(dict.fromkeys(Source(p.file, p.heading) for p in found))
-        return replace(request, generation=generation, sources=sources), ids
 
     def _cancel(self, env: Envelope) -> None:
         w = self.wiring
@@ -260,11 +217,63 @@ class Inbox:
                 if time.time() >= request.deadline_at:
                     self._outbox.ended(request, "deadline")
                     continue
-                request, prompt_ids = self._prepared(request)
+                request, prompt_ids = prepared(w, request)
                 assert w.scheduler is not None
                 w.scheduler.submit(request, prompt_ids, force=True)
             except EdgedError as exc:
                 self._outbox.failed(stand_in, exc)
+
+
+def admit(wiring: Wiring, request: Request) -> tuple[Request, list[int]]:
+    """What every way in (MQTT, HTTP) does before queueing a well-formed request: the asker's rate, the
+    model, the governor and the queue (admission.py), then ``prepared``. Raises the refusal (an EdgedError
+    with its wire code)."""
+    rate_retry_s = wiring.limiter.admit(request.identity.key)
+    error = refusal(request.identity.name, rate_retry_s, wiring.node(request.priority_rank))
+    if error is not None:
+        raise error
+    return prepared(wiring, request)
+
+
+def prepared(wiring: Wiring, request: Request) -> tuple[Request, list[int]]:
+    """The request as the engine runs it (its format compiled into a logits hook, its profile's knowledge in
+    the prompt) and its prompt's token ids; InvalidRequest or TooLong before anything is queued."""
+    w = wiring
+    if w.scheduler is None or w.prompt_ids is None or w.compile_format is None:
+        raise ModelUnavailable("no model is loaded on this node", retry_after_s=60)
+    generation = request.generation
+    if request.format is not None:
+        generation = replace(generation, logits_hook=w.compile_format(request.format, generation.max_tokens))
+    request = replace(request, generation=generation)
+    if request.knowledge:
+        return _grounded(w, request)
+    return request, w.prompt_ids(generation)
+
+
+def _grounded(w: Wiring, request: Request) -> tuple[Request, list[int]]:
+    """The request with the best passages of its profile's knowledge base in the prompt, as many as fit
+    the context beside the answer's max_tokens, and the sources they came from."""
+    base = w.knowledge.get(request.knowledge)
+    if base is None:
+        raise ModelUnavailable(
+            f"the knowledge base {request.knowledge!r} of profile {request.profile!r} is not built on this node: "
+            f"run `edged kb build DIR -o {request.knowledge}`, then reload"
+        )
+    assert w.prompt_ids is not None
+    asked = request.generation
+    found = [f.passage for f in base.search(knowledge.question(asked.messages))]
+    while True:
+        generation = replace(asked, messages=knowledge.with_notes(asked.messages, found))
+        try:
+            ids = w.prompt_ids(generation)
+            if not found or len(ids) + asked.max_tokens <= w.context_tokens:
+                break
+        except TooLong:
+            if not found:
+                raise
+        found.pop()  # the weakest passage gives way to the answer
+    sources = tuple(dict.fromkeys(Source(p.file, p.heading) for p in found))
+    return replace(request, generation=generation, sources=sources), ids
 
 
 def _stand_in(request_id: str, identity: Identity, route: Route) -> Request:

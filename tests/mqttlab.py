@@ -167,7 +167,11 @@ class Node:
         self.node_id = node_id
         self.broker_url = broker_url
         lines = [f'node_id = "{node_id}"', f'state_dir = "{workdir}"', f'models_dir = "{models_dir}"']
-        tables: dict[str, dict[str, Any]] = {"broker": {"url": broker_url} if broker_url else {}, "governor": {}}
+        tables: dict[str, dict[str, Any]] = {
+            "broker": {"url": broker_url} if broker_url else {},
+            "governor": {},
+            "http": {},
+        }
         for key, value in settings.items():
             table, _, name = key.partition("_")
             if table in tables:

@@ -46,6 +46,9 @@ def test_password_comes_from_the_systemd_credential(tmp_path: Path) -> None:
         ("[broker]\nurl = 'http://x'\n", "mqtt://"),
         ("[broker]\nprotocol = 'v4'\n", "broker.protocol"),
         ("node_id = \n", "not valid TOML"),
+        ("[http]\nlisten = 'localhost'\n", "must look like 127.0.0.1:11434"),
+        ("[http]\nenabled = true\nlisten = '0.0.0.0:11434'\n", "set http.api_key"),
+        ("[http]\nport = 80\n", "unknown key port in [http]"),
     ],
 )
 def test_bad_configuration_is_rejected_with_the_reason(tmp_path: Path, text: str, words: str) -> None:
@@ -69,11 +72,35 @@ def test_config_check_command(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "unknown key colour" in bad.stderr
 
 
+def test_config_check_refuses_a_lan_listen_address_without_an_api_key(tmp_path: Path) -> None:
+    """Anyone on the LAN could use the node's model, and read what others ask, without a key."""
+
+    def check(text: str) -> subprocess.CompletedProcess[str]:
+        path = write(tmp_path, text)
+        return subprocess.run(
+            [sys.executable, "-m", "edged", "config", "check", str(path)], capture_output=True, text=True, timeout=60
+        )
+
+    lan = check('[http]\nenabled = true\nlisten = "192.168.1.20:11434"\n')
+    assert lan.returncode == 1 and "http.listen 192.168.1.20:11434 is reachable from other machines" in lan.stderr
+    keyed = check('[http]\nenabled = true\nlisten = "192.168.1.20:11434"\napi_key = "k3y"\n')
+    assert keyed.returncode == 0, keyed.stderr
+    loopback = check('[http]\nenabled = true\nlisten = "[::1]:11434"\n')
+    assert loopback.returncode == 0, loopback.stderr
+
+
+def test_the_api_key_comes_from_the_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "http-api-key").write_text("t0ken\n")
+    path = write(tmp_path, '[http]\nenabled = true\nlisten = "0.0.0.0:11434"\n')
+    config = load(path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}, {})
+    assert config.http.api_key == "t0ken" and config.http.port == 11434 and config.http.host == "0.0.0.0"
+
+
 def test_example_config_documents_every_key_and_loads() -> None:
     """deploy/edged.toml is the reference: it must load, and name every key the code knows."""
     from dataclasses import fields
 
-    from edged.config import BrokerConfig, Config
+    from edged.config import BrokerConfig, Config, HttpConfig
     from edged.governor import Thresholds
 
     path = Path(__file__).parent.parent / "deploy" / "edged.toml"
@@ -81,8 +108,10 @@ def test_example_config_documents_every_key_and_loads() -> None:
     assert config.broker.url == "" and config.queue_capacity == 16
     text = path.read_text()
     for f in fields(Config) + fields(Thresholds):
-        if f.name not in ("broker", "governor", "profiles"):
+        if f.name not in ("broker", "governor", "http", "profiles"):
             assert re.search(rf"^#? ?{f.name} =", text, re.M), f.name
     for f in fields(BrokerConfig):
         assert re.search(rf"^#? ?{f.name} =", text, re.M), f"broker.{f.name}"
+    for f in fields(HttpConfig):
+        assert re.search(rf"^#? ?{f.name} =", text, re.M), f"http.{f.name}"
     assert re.search(r"^# \[profiles\.\w+\]", text, re.M)

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edged import ollama_api, protocol
+from edged import ollama_api, openai_api, protocol
 from edged.chat import Answer, Ask, ServedModel, parameter_size, to_request
 from edged.config import HttpConfig
 from edged.errors import EdgedError, InvalidRequest, TooLong
@@ -205,6 +205,9 @@ class FrontDoor:
         app.router.add_post("/api/show", self._show)
         app.router.add_post("/api/chat", self._ollama_chat)
         app.router.add_post("/api/generate", self._ollama_generate)
+        app.router.add_get("/v1/models", self._openai_models)
+        app.router.add_get("/v1/models/{model}", self._openai_model)
+        app.router.add_post("/v1/chat/completions", self._openai_chat)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_S)
         await self._runner.setup()
         await web.TCPSite(self._runner, self._config.host, self._config.port).start()
@@ -234,14 +237,17 @@ class FrontDoor:
             if isinstance(exc, InvalidRequest):
                 self._counters.add("invalid")
             log.info("HTTP %s %s refused: %s: %s", request.method, request.path, exc.code, exc.message)
-            status = 413 if isinstance(exc, _BodyTooLarge) else ollama_api.status_of(exc)
+            status = 413 if isinstance(exc, _BodyTooLarge) else (openai_api if openai else ollama_api).status_of(exc)
             return self._error(openai, status, exc.message, exc.code, exc.retry_after_s)
 
     def _error(self, openai: bool, status: int, message: str, code: str, retry_after_s: float | None) -> web.Response:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
         if retry_after_s is not None:
             headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
-        body = ollama_api.error(message, code, retry_after_s)
+        if openai:
+            body = openai_api.error(message, code, retry_after_s, status)
+        else:
+            body = ollama_api.error(message, code, retry_after_s)
         return web.json_response(body, status=status, headers=headers)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -363,6 +369,48 @@ class FrontDoor:
                 yield _ndjson(ollama_api.error(exc.message, exc.code, exc.retry_after_s))
 
         return await self._stream(request, ticket, "application/x-ndjson", lines())
+
+    # -- the OpenAI API --------------------------------------------------------------------------------
+
+    async def _openai_models(self, request: web.Request) -> web.Response:
+        return web.json_response(openai_api.models(self._model()))
+
+    async def _openai_model(self, request: web.Request) -> web.Response:
+        return web.json_response(openai_api.model(request.match_info["model"], self._model()))
+
+    async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        served = self._model()
+        ask = openai_api.parse(body, served)
+        assert served is not None
+        name, created = str(body["model"]), int(time.time())
+        ticket = self._submit(ask, request, served.name)
+        completion_id = f"chatcmpl-{ticket.request.id}"
+        if not ask.stream:
+            answer = await self._wait(request, ticket)
+            return web.json_response(openai_api.completion(completion_id, name, created, answer))
+        with_usage = openai_api.include_usage(body)
+
+        async def events() -> AsyncIterator[bytes]:
+            yield _sse(openai_api.first_chunk(completion_id, name, created))
+            try:
+                async for event in ticket.events():
+                    if isinstance(event, Answer):
+                        yield _sse(openai_api.last_chunk(completion_id, name, created, event))
+                        if with_usage:
+                            yield _sse(openai_api.usage_chunk(completion_id, name, created, event))
+                    else:
+                        yield _sse(openai_api.chunk(completion_id, name, created, event))
+            except EdgedError as exc:  # after the stream began: the client raises APIError from this event
+                status = openai_api.status_of(exc)
+                yield _sse(openai_api.error(exc.message, exc.code, exc.retry_after_s, status))
+            yield b"data: [DONE]\n\n"
+
+        return await self._stream(request, ticket, "text/event-stream", events())
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _ndjson(obj: dict[str, Any]) -> bytes:

@@ -33,6 +33,7 @@ from edged.store import read_manifest
 
 log = logging.getLogger(__name__)
 
+KIOSK_DIR = Path(__file__).parent / "kiosk"  # index.html and the mqtt.js it loads (MIT, vendored)
 MAX_BODY_BYTES = 1 << 20  # a long conversation with tool schemas; the context budget decides the rest
 _SHUTDOWN_S = 3.0
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -199,6 +200,9 @@ class FrontDoor:
     async def _open(self) -> None:
         app = web.Application(middlewares=[self._guard], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/", self._root)
+        app.router.add_get("/kiosk", self._kiosk_redirect)
+        app.router.add_get("/kiosk/", self._kiosk)
+        app.router.add_get("/kiosk/mqtt.min.js", self._kiosk_script)
         app.router.add_get("/api/version", self._version)
         app.router.add_get("/api/tags", self._tags)
         app.router.add_get("/api/ps", self._ps)
@@ -318,6 +322,21 @@ class FrontDoor:
             ticket.cancel()
             self._tickets.discard(ticket)
 
+    # -- the kiosk page --------------------------------------------------------------------------------
+
+    async def _kiosk_redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/kiosk/")  # so the page's relative mqtt.min.js resolves under /kiosk/
+
+    async def _kiosk(self, request: web.Request) -> web.Response:
+        defaults = self._served.wiring().defaults
+        html = (KIOSK_DIR / "index.html").read_text()
+        return web.Response(
+            text=kiosk_page(html, defaults.node, defaults.prefix, self._config.kiosk_broker), content_type="text/html"
+        )
+
+    async def _kiosk_script(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(KIOSK_DIR / "mqtt.min.js", headers={"Content-Type": "text/javascript"})
+
     # -- the Ollama API --------------------------------------------------------------------------------
 
     async def _root(self, request: web.Request) -> web.Response:
@@ -407,6 +426,14 @@ class FrontDoor:
             yield b"data: [DONE]\n\n"
 
         return await self._stream(request, ticket, "text/event-stream", events())
+
+
+def kiosk_page(html: str, node: str, prefix: str, broker: str) -> str:
+    """The kiosk page with this node's settings in it (a query string still overrides them)."""
+    settings = {"node": node, "prefix": prefix, **({"broker": broker} if broker else {})}
+    block = json.dumps(settings).replace("</", "<\\/")
+    placeholder = '<script id="edged-settings" type="application/json">{}</script>'
+    return html.replace(placeholder, f'<script id="edged-settings" type="application/json">{block}</script>')
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

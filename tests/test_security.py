@@ -37,7 +37,9 @@ def auth(user: str) -> tuple[str, str]:
 def deploy_broker(workdir: Path) -> Mosquitto:
     """A broker with the shipped edged.conf and edged.acl; only the listener and the password file are the test's."""
     conf = (DEPLOY / "edged.conf").read_text()
-    conf = re.sub(r"^(listener|password_file|acl_file|allow_anonymous|per_listener_settings) .*$", "", conf, flags=re.M)
+    conf = re.sub(
+        r"^(listener|protocol|password_file|acl_file|allow_anonymous|per_listener_settings) .*$", "", conf, flags=re.M
+    )
     return Mosquitto(workdir, users=USERS, extra_conf=conf + f"acl_file {DEPLOY / 'edged.acl'}\n").start()
 
 

@@ -4,12 +4,14 @@ model's names, and the queue's ``Request`` built from an ask. Pure functions."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edged import tools as toolbox
 from edged.errors import InvalidRequest
 from edged.llm import GenerationRequest, GenerationResult, Message, SamplingParams
 from edged.protocol import Defaults, Identity, Request, Route
+from edged.tools import Tool, ToolCall
 
 # Ollama's library names for the models edged builds, so clients that know those names find them.
 _OLLAMA_NAMES = {"smollm2-135m-instruct": ("smollm2:135m", "smollm2:135m-instruct")}
@@ -72,6 +74,43 @@ class Ask:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     stream: bool = False
+    format: str | dict[str, Any] | None = None  # "json" or a JSON schema the answer follows (edged.structured)
+    tools: tuple[Tool, ...] = ()  # offered: the answer is a call of one of them, or (allow_answer) text
+    allow_answer: bool = True
+
+    @property
+    def constraint(self) -> str | dict[str, Any] | None:
+        """What the answer is held to: a tool call (or answer) object, the format, or None."""
+        return toolbox.call_schema(self.tools, self.allow_answer) if self.tools else self.format
+
+    @property
+    def streams_text(self) -> bool:
+        """Whether text deltas go to the client as they come; a tool call is read whole, at the end."""
+        return self.stream and not self.tools
+
+    def told(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
+        """The conversation the model sees: the tools described in the system turn when there are any."""
+        if not self.tools:
+            return messages
+        told = toolbox.instructions(self.tools, self.allow_answer)
+        first, *rest = messages
+        if first.role == "system":
+            return (Message("system", f"{first.content}\n\n{told.content}"), *rest)
+        return (told, *messages)
+
+    def settle(self, answer: Answer) -> Answer:
+        """The answer as the client gets it: a tool call read out of the constrained reply."""
+        if not self.tools:
+            return answer
+        reply = toolbox.read_reply(answer.text)
+        if isinstance(reply, ToolCall):
+            return replace(answer, text="", tool_calls=(reply,))
+        return replace(answer, text=reply)
+
+
+def check_constraints(format: str | dict[str, Any] | None, tools: tuple[Tool, ...]) -> None:
+    if format is not None and tools:
+        raise InvalidRequest("send a format or tools, not both: a tool call is already constrained JSON")
 
 
 @dataclass(frozen=True)
@@ -86,6 +125,7 @@ class Answer:
     ttft_ms: float
     total_ms: float
     model: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @staticmethod
     def of(result: GenerationResult, model: str) -> Answer:
@@ -108,10 +148,12 @@ class Answer:
 
 
 def to_request(ask: Ask, request_id: str, identity: Identity, defaults: Defaults, now: float) -> Request:
-    """The queue's request for ``ask``: the node's system prompt, token budget and deadline applied."""
+    """The queue's request for ``ask``: the node's system prompt, token budget and deadline applied, and the
+    constraint the answer is held to as its format (admission compiles it, as for MQTT)."""
     messages = ask.messages
     if defaults.system_prompt and (not messages or messages[0].role != "system"):
         messages = (Message("system", defaults.system_prompt), *messages)
+    messages = ask.told(messages)
     max_tokens = defaults.max_tokens if ask.max_tokens is None else ask.max_tokens
     return Request(
         id=request_id,
@@ -123,10 +165,11 @@ def to_request(ask: Ask, request_id: str, identity: Identity, defaults: Defaults
             sampling=ask.sampling,
             stop=ask.stop,
         ),
-        stream=ask.stream,
+        stream=ask.streams_text,
         priority="normal",
         received_at=now,
         deadline_at=now + defaults.deadline_ms / 1000,
+        format=ask.constraint,
     )
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from edged import tools as toolbox
 from edged.chat import (
     Answer,
     Ask,
     ServedModel,
     UnknownModel,
+    check_constraints,
     integer,
     known_fields,
     number,
@@ -19,6 +21,7 @@ from edged.chat import (
 )
 from edged.errors import EdgedError, InvalidRequest
 from edged.llm import Message, SamplingParams
+from edged.tools import Tool, ToolCall, parse_tools
 
 _CHAT_FIELDS = frozenset(
     {"model", "messages", "stream", "format", "options", "keep_alive", "tools", "think", "logprobs", "top_logprobs"}
@@ -66,10 +69,11 @@ def parse_chat(body: dict[str, Any], served: ServedModel | None) -> Ask | None:
         raise InvalidRequest("messages must be a list of {role, content} objects")
     if not raw:
         return None
-    if body.get("tools"):
-        raise InvalidRequest("tools are not available on this node yet")
     messages = tuple(_message(m, i) for i, m in enumerate(raw))
-    return _ask(body, messages)
+    tools = parse_tools(body["tools"]) if body.get("tools") else ()
+    if isinstance(raw[-1], dict) and raw[-1].get("role") == "tool":
+        tools = ()  # the model has a tool's result: it answers in words
+    return _ask(body, messages, tools)
 
 
 def parse_generate(body: dict[str, Any], served: ServedModel | None) -> Ask | None:
@@ -96,8 +100,6 @@ def _unsupported(body: dict[str, Any]) -> None:
         raise InvalidRequest("think is not supported: this model does not think before answering")
     if body.get("logprobs"):
         raise InvalidRequest("logprobs are not supported by this node")
-    if body.get("format"):
-        raise InvalidRequest("format (JSON-constrained answers) is not available on this node yet")
     keep_alive = body.get("keep_alive")  # accepted: the model stays loaded whatever it says
     if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, int | float | str)):
         raise InvalidRequest('keep_alive must be a duration such as "5m" or a number of seconds')
@@ -117,10 +119,24 @@ def _message(raw: object, i: int) -> Message:
         return Message("user", f"The tool {name} returned: {content}" if isinstance(name, str) else content)
     if role not in ("system", "user", "assistant"):
         raise InvalidRequest(f"messages[{i}]: unknown role {role!r}; use system, user, assistant or tool")
-    return Message(role, content)
+    calls = raw.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a list")
+    said = [toolbox.said(_call(c, f"messages[{i}].tool_calls[{j}]")) for j, c in enumerate(calls)]
+    return Message(role, "\n".join([content, *said]).strip() if said else content)
 
 
-def _ask(body: dict[str, Any], messages: tuple[Message, ...]) -> Ask:
+def _call(raw: object, where: str) -> ToolCall:
+    function = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequest(f'{where} must be {{"function": {{"name": ..., "arguments": {{...}}}}}}')
+    arguments = function.get("arguments") or {}
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(f"{where}.function.arguments must be an object")
+    return ToolCall(function["name"], arguments)
+
+
+def _ask(body: dict[str, Any], messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> Ask:
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise InvalidRequest("options must be an object")
@@ -143,7 +159,11 @@ def _ask(body: dict[str, Any], messages: tuple[Message, ...]) -> Ask:
     stream = body.get("stream", True)  # Ollama streams unless told not to
     if not isinstance(stream, bool):
         raise InvalidRequest("stream must be true or false")
-    return Ask(messages, max_tokens=max_tokens, sampling=sampling, stop=stop, stream=stream)
+    format = body.get("format") or None
+    if format is not None and format != "json" and not isinstance(format, dict):
+        raise InvalidRequest('format must be "json" or a JSON schema object')
+    check_constraints(format, tools)
+    return Ask(messages, max_tokens, sampling, stop, stream, format=format, tools=tools)
 
 
 # -- responses ---------------------------------------------------------------------------------------
@@ -163,8 +183,11 @@ def chat_chunk(model: str, delta: str, ts: float) -> dict[str, Any]:
 
 
 def chat_final(model: str, answer: Answer, ts: float, *, streamed: bool) -> dict[str, Any]:
-    """The last object: the whole text when not streamed (a stream already carried it), and the figures."""
-    message = {"role": "assistant", "content": "" if streamed else answer.text}
+    """The last object: the whole text when not streamed (a stream already carried it), the tool calls,
+    and the figures."""
+    message: dict[str, Any] = {"role": "assistant", "content": "" if streamed else answer.text}
+    if answer.tool_calls:
+        message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in answer.tool_calls]
     return {"model": model, "created_at": created_at(ts), "message": message, **_done(answer)}
 
 
@@ -249,7 +272,7 @@ def show(body: dict[str, Any], served: ServedModel | None) -> dict[str, Any]:
         "template": model.chat_template,
         "details": _details(model),
         "model_info": {"general.architecture": model.family, f"{model.family}.context_length": model.context_tokens},
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],
         "modified_at": created_at(model.modified_at),
     }
 

@@ -3,13 +3,16 @@ server-sent events out, errors in OpenAI's shape. Pure functions; ``edged.web`` 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from edged import tools as toolbox
 from edged.chat import (
     Answer,
     Ask,
     ServedModel,
     UnknownModel,
+    check_constraints,
     integer,
     known_fields,
     number,
@@ -18,6 +21,7 @@ from edged.chat import (
 )
 from edged.errors import EdgedError, InvalidRequest
 from edged.llm import Message, SamplingParams
+from edged.tools import Tool, ToolCall, parse_tools
 
 _FIELDS = frozenset(
     {
@@ -60,14 +64,15 @@ def parse(body: dict[str, Any], served: ServedModel | None) -> Ask:
     for key in ("frequency_penalty", "presence_penalty"):
         if body.get(key):
             raise InvalidRequest(f"{key} is not supported; use a seed and temperature, or edged's repeat_penalty")
-    if body.get("tools"):
-        raise InvalidRequest("tools are not available on this node yet")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise InvalidRequest("response_format (JSON-constrained answers) is not available on this node yet")
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
     messages = tuple(_message(m, i) for i, m in enumerate(raw))
+    tools, allow_answer = _tools(body)
+    if isinstance(raw[-1], dict) and raw[-1].get("role") == "tool":
+        tools = ()  # the model has a tool's result: it answers in words
+    format = _format(body.get("response_format"))
+    check_constraints(format, tools)
     sampling = SamplingParams(
         temperature=number(body["temperature"], "temperature") if body.get("temperature") is not None else 0.0,
         top_p=number(body["top_p"], "top_p") if body.get("top_p") is not None else 1.0,
@@ -83,6 +88,49 @@ def parse(body: dict[str, Any], served: ServedModel | None) -> Ask:
         sampling=sampling,
         stop=stop_strings(body["stop"], "stop") if body.get("stop") is not None else (),
         stream=stream,
+        format=format,
+        tools=tools,
+        allow_answer=allow_answer,
+    )
+
+
+def _tools(body: dict[str, Any]) -> tuple[tuple[Tool, ...], bool]:
+    """The tools the model may call, and whether it may answer in words instead (``tool_choice``)."""
+    tools = parse_tools(body["tools"]) if body.get("tools") else ()
+    choice = body.get("tool_choice", "auto")
+    if choice == "none" or not tools:
+        return (), True
+    if choice == "auto":
+        return tools, True
+    if choice == "required":
+        return tools, False
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    chosen = tuple(t for t in tools if t.name == name)
+    if not chosen:
+        raise InvalidRequest(
+            'tool_choice must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": <one of the tools>}}'
+        )
+    return chosen, False
+
+
+def _format(response_format: object) -> str | dict[str, Any] | None:
+    """``response_format``: text (None), json_object ("json"), or json_schema (its schema)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if kind == "json_schema" and isinstance(schema, dict):
+        return schema
+    raise InvalidRequest(
+        'response_format must be {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}'
     )
 
 
@@ -101,7 +149,24 @@ def _message(raw: object, i: int) -> Message:
         return Message("user", f"The tool returned: {content}")
     if not isinstance(role, str) or role not in _ROLES:
         raise InvalidRequest(f"messages[{i}]: unknown role {role!r}; use system, developer, user, assistant or tool")
-    return Message(_ROLES[role], content)
+    calls = raw.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"messages[{i}].tool_calls must be a list")
+    said = [toolbox.said(_call(c, f"messages[{i}].tool_calls[{j}]")) for j, c in enumerate(calls)]
+    return Message(_ROLES[role], "\n".join([content, *said]).strip() if said else content)
+
+
+def _call(raw: object, where: str) -> ToolCall:
+    function = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequest(f'{where} must be {{"type": "function", "function": {{"name": ..., "arguments": "..."}}}}')
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"{where}.function.arguments must be a JSON object in a string") from None
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(f"{where}.function.arguments must be a JSON object in a string")
+    return ToolCall(function["name"], arguments)
 
 
 def _text(content: object, i: int) -> str:
@@ -137,7 +202,9 @@ def _model(name: str, served: ServedModel) -> dict[str, Any]:
 
 
 def completion(completion_id: str, name: str, created: int, answer: Answer) -> dict[str, Any]:
-    message = {"role": "assistant", "content": answer.text}
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+    if answer.tool_calls:
+        message = {"role": "assistant", "content": None, "tool_calls": _calls(completion_id, answer)}
     choice = {"index": 0, "message": message, "logprobs": None, **_finish(answer)}
     return {**_head(completion_id, name, created, "chat.completion"), "choices": [choice], "usage": usage(answer)}
 
@@ -149,6 +216,25 @@ def first_chunk(completion_id: str, name: str, created: int) -> dict[str, Any]:
 
 def chunk(completion_id: str, name: str, created: int, delta: str) -> dict[str, Any]:
     return _chunk(completion_id, name, created, {"content": delta}, None)
+
+
+def whole_chunk(completion_id: str, name: str, created: int, answer: Answer) -> dict[str, Any]:
+    """A reply read whole (a tool call, or the answer beside one) in one delta."""
+    if answer.tool_calls:
+        calls = [{"index": i, **call} for i, call in enumerate(_calls(completion_id, answer))]
+        return _chunk(completion_id, name, created, {"tool_calls": calls}, None)
+    return chunk(completion_id, name, created, answer.text)
+
+
+def _calls(completion_id: str, answer: Answer) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"call_{completion_id.removeprefix('chatcmpl-')}_{i}",
+            "type": "function",
+            "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
+        }
+        for i, c in enumerate(answer.tool_calls)
+    ]
 
 
 def last_chunk(completion_id: str, name: str, created: int, answer: Answer) -> dict[str, Any]:
@@ -175,6 +261,8 @@ def _head(completion_id: str, name: str, created: int, kind: str) -> dict[str, A
 
 
 def _finish(answer: Answer) -> dict[str, Any]:
+    if answer.tool_calls:
+        return {"finish_reason": "tool_calls"}
     reason = _FINISH.get(answer.finish_reason, "length")
     extra = {} if reason == answer.finish_reason else {"edged_finish_reason": answer.finish_reason}
     return {"finish_reason": reason, **extra}

@@ -160,6 +160,7 @@ class FrontDoor:
         self._counters = counters
         self._key = config.api_key.encode()
         self._tickets: set[_Ticket] = set()
+        self._described: tuple[Engine | None, ServedModel | None] | None = None
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._run, name="edged-http", daemon=True)
@@ -267,16 +268,21 @@ class FrontDoor:
         return body
 
     def _model(self) -> ServedModel | None:
-        return describe(self._served.engine())
+        """The served model's description, read again only when a reload swapped the engine."""
+        engine = self._served.engine()
+        if self._described is None or self._described[0] is not engine:
+            self._described = (engine, describe(engine))
+        return self._described[1]
 
-    def _submit(self, ask: Ask, request: web.Request, model: str) -> _Ticket:
-        """Admits and queues ``ask`` as MQTT requests are (rate, model, governor, queue, context budget)."""
+    async def _submit(self, ask: Ask, request: web.Request, model: str) -> _Ticket:
+        """Admits and queues ``ask`` as MQTT requests are (rate, model, governor, queue, the format compiled,
+        the context budget)."""
         self._counters.add("received")
         self._counters.add("http_received")
         wiring = self._served.wiring()
         identity = Identity(f"http:{request.remote or 'unknown'}", True)
         queued = to_request(ask, protocol.new_id(), identity, wiring.defaults, time.time())
-        queued, prompt_ids = admit(wiring, queued)
+        queued, prompt_ids = admit(wiring, queued)  # the format or tool-call constraint compiled here too
         scheduler = wiring.scheduler
         assert scheduler is not None
         sink = _Sink(asyncio.get_running_loop(), self._counters, model)
@@ -370,18 +376,18 @@ class FrontDoor:
         if ask is None:
             return web.json_response(ollama_api.loaded(name, time.time(), chat=chat))
         assert served is not None
-        ticket = self._submit(ask, request, served.name)
+        ticket = await self._submit(ask, request, served.name)
         chunk = ollama_api.chat_chunk if chat else ollama_api.generate_chunk
         final = ollama_api.chat_final if chat else ollama_api.generate_final
         if not ask.stream:
-            answer = await self._wait(request, ticket)
+            answer = ask.settle(await self._wait(request, ticket))
             return web.json_response(final(name, answer, time.time(), streamed=False))
 
         async def lines() -> AsyncIterator[bytes]:
             try:
                 async for event in ticket.events():
-                    if isinstance(event, Answer):
-                        yield _ndjson(final(name, event, time.time(), streamed=True))
+                    if isinstance(event, Answer):  # the whole reply here when it was not streamed (a tool call)
+                        yield _ndjson(final(name, ask.settle(event), time.time(), streamed=ask.streams_text))
                     else:
                         yield _ndjson(chunk(name, event, time.time()))
             except EdgedError as exc:  # after the stream began: the client raises it from this line
@@ -403,10 +409,10 @@ class FrontDoor:
         ask = openai_api.parse(body, served)
         assert served is not None
         name, created = str(body["model"]), int(time.time())
-        ticket = self._submit(ask, request, served.name)
+        ticket = await self._submit(ask, request, served.name)
         completion_id = f"chatcmpl-{ticket.request.id}"
         if not ask.stream:
-            answer = await self._wait(request, ticket)
+            answer = ask.settle(await self._wait(request, ticket))
             return web.json_response(openai_api.completion(completion_id, name, created, answer))
         with_usage = openai_api.include_usage(body)
 
@@ -415,9 +421,12 @@ class FrontDoor:
             try:
                 async for event in ticket.events():
                     if isinstance(event, Answer):
-                        yield _sse(openai_api.last_chunk(completion_id, name, created, event))
+                        answer = ask.settle(event)
+                        if not ask.streams_text:  # read whole: a tool call, or the answer beside one
+                            yield _sse(openai_api.whole_chunk(completion_id, name, created, answer))
+                        yield _sse(openai_api.last_chunk(completion_id, name, created, answer))
                         if with_usage:
-                            yield _sse(openai_api.usage_chunk(completion_id, name, created, event))
+                            yield _sse(openai_api.usage_chunk(completion_id, name, created, answer))
                     else:
                         yield _sse(openai_api.chunk(completion_id, name, created, event))
             except EdgedError as exc:  # after the stream began: the client raises APIError from this event

@@ -4,10 +4,12 @@ front door, with the real model and a real broker: the calls Home Assistant make
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import ollama
 import pytest
 
@@ -189,3 +191,95 @@ def test_malformed_json_is_refused_with_the_reason(http_port: int) -> None:
         assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]
         deep = c.post("/api/generate", content=b"[" * 100 + b"]" * 100)
         assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]
+
+
+LIGHT = {
+    "type": "function",
+    "function": {
+        "name": "set_light",
+        "description": "Turn a light on or off",
+        "parameters": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "on": {"type": "boolean"}},
+            "required": ["name", "on"],
+        },
+    },
+}
+TRIP = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "sights": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["city", "days", "sights"],
+    "additionalProperties": False,
+}
+
+
+def test_format_holds_the_answer_to_a_schema(http_port: int) -> None:
+    """Home Assistant's structured tasks pass format=<schema>; "json" asks for any one JSON value."""
+
+    async def run() -> tuple[ollama.ChatResponse, ollama.GenerateResponse]:
+        c = client(http_port)
+        plan = await c.chat(
+            model="smollm2:135m",
+            messages=[{"role": "user", "content": "Plan a short trip to Rome."}],
+            format=TRIP,
+            options={"num_predict": 120},
+        )
+        anything = await c.generate(model=SMOLLM2, prompt='Reply in JSON: {"fruit": <a fruit>}.', format="json")
+        return plan, anything
+
+    plan, anything = asyncio.run(run())
+    assert plan.done_reason == "stop"
+    jsonschema.validate(json.loads(plan.message.content or ""), TRIP)
+    assert anything.done_reason == "stop" and isinstance(json.loads(anything.response or ""), dict)
+
+
+def test_a_tool_is_called_with_valid_arguments_then_its_result_is_answered(http_port: int) -> None:
+    """Home Assistant's Assist: streamed chat with tools; the reply carries message.tool_calls, and after the
+    tool's result the model answers in words."""
+
+    async def run() -> tuple[list[ollama.ChatResponse], ollama.ChatResponse]:
+        c = client(http_port)
+        asked = [{"role": "user", "content": "Turn on the kitchen light."}]
+        stream = await c.chat(model="smollm2:135m", messages=asked, tools=[LIGHT], stream=True, keep_alive=-1)
+        parts = [part async for part in stream]
+        calls = [call for p in parts for call in (p.message.tool_calls or [])]
+        followed = await c.chat(
+            model="smollm2:135m",
+            messages=[
+                *asked,
+                {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "tool_name": "set_light", "content": '{"success": true}'},
+            ],
+            tools=[LIGHT],
+        )
+        return parts, followed
+
+    parts, followed = asyncio.run(run())
+    calls = [call for p in parts for call in (p.message.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "set_light"
+    jsonschema.validate(dict(calls[0].function.arguments), LIGHT["function"]["parameters"])  # type: ignore[index]
+    assert parts[-1].done and not "".join(p.message.content or "" for p in parts), "no JSON leaks into the text"
+    assert followed.message.content and not followed.message.tool_calls
+
+
+def test_a_schema_that_cannot_be_compiled_is_refused(http_port: int) -> None:
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as c:
+        reply = c.post(
+            "/api/chat",
+            json={"model": SMOLLM2, "messages": [{"role": "user", "content": "Hi"}], "format": {"type": "colour"}},
+        )
+        assert reply.status_code == 400 and "schema" in reply.json()["error"], reply.text
+        both = c.post(
+            "/api/chat",
+            json={
+                "model": SMOLLM2,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "format": "json",
+                "tools": [LIGHT],
+            },
+        )
+        assert both.status_code == 400 and "not both" in both.json()["error"]

@@ -5,10 +5,12 @@ bearer token."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -161,3 +163,63 @@ def test_without_the_bearer_token_every_api_answers_401(base_url: str) -> None:
             assert reply.status_code == 401 and reply.headers["WWW-Authenticate"] == "Bearer", path
         assert "API key" in raw.get("/api/tags").json()["error"]
         assert raw.get("/api/tags", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+FRUIT = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "colour": {"type": "string", "enum": ["red", "yellow", "green"]}},
+    "required": ["name", "colour"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_and_json_object_response_formats(base_url: str) -> None:
+    c = client(base_url)
+    reply = c.chat.completions.create(
+        model=SMOLLM2,
+        messages=[{"role": "user", "content": "Name a fruit and its colour."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "fruit", "schema": FRUIT, "strict": True}},
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), FRUIT)
+    assert reply.choices[0].finish_reason == "stop"
+    anything = c.chat.completions.create(
+        model=SMOLLM2,
+        messages=[{"role": "user", "content": 'Answer with a JSON object with keys "name" and "colour" for a banana.'}],
+        response_format={"type": "json_object"},
+    )
+    assert set(json.loads(anything.choices[0].message.content or "")) == {"name", "colour"}
+
+
+def test_tools_give_tool_calls_streamed_and_not(base_url: str) -> None:
+    c = client(base_url)
+    asked = [{"role": "user", "content": "What's the weather like in Berlin today?"}]
+    reply = c.chat.completions.create(model=SMOLLM2, messages=asked, tools=[WEATHER], tool_choice="required")  # type: ignore[arg-type,list-item]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].id  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])  # type: ignore[union-attr,index]
+    chunks = list(c.chat.completions.create(model=SMOLLM2, messages=asked, tools=[WEATHER], stream=True))  # type: ignore[arg-type,list-item]
+    streamed = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(streamed) == 1 and streamed[0].function and streamed[0].function.name == "get_weather"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+        "tool_calls"
+    ]
+    answered = c.chat.completions.create(
+        model=SMOLLM2,
+        messages=[
+            *asked,
+            {"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+            {"role": "tool", "tool_call_id": calls[0].id, "content": '{"sky": "sunny", "temp_c": 21}'},
+        ],  # type: ignore[list-item]
+        tools=[WEATHER],  # type: ignore[list-item]
+    )
+    assert answered.choices[0].message.content and answered.choices[0].finish_reason == "stop"

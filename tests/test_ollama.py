@@ -191,6 +191,11 @@ def test_malformed_json_is_refused_with_the_reason(http_port: int) -> None:
         assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]
         deep = c.post("/api/generate", content=b"[" * 100 + b"]" * 100)
         assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]
+        listed = c.post("/api/chat", json=[{"model": SMOLLM2}])
+        assert listed.status_code == 400 and "must be a JSON object" in listed.json()["error"]
+        huge = c.post("/api/chat", content=b" " * (2 << 20))
+        assert huge.status_code == 413 and huge.json()["code"] == "too_long"
+        assert c.get("/api/tags").status_code == 200
 
 
 LIGHT = {

@@ -163,6 +163,8 @@ def test_without_the_bearer_token_every_api_answers_401(base_url: str) -> None:
             assert reply.status_code == 401 and reply.headers["WWW-Authenticate"] == "Bearer", path
         assert "API key" in raw.get("/api/tags").json()["error"]
         assert raw.get("/api/tags", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        page = raw.get("/kiosk/")  # a browser kiosk sends no header; the page holds no secret
+        assert page.status_code == 200 and '"node": "pi"' in page.text
 
 
 WEATHER = {

@@ -10,7 +10,8 @@ from typing import Any
 from edged import tools as toolbox
 from edged.errors import InvalidRequest
 from edged.llm import GenerationRequest, GenerationResult, Message, SamplingParams
-from edged.protocol import Defaults, Identity, Request, Route
+from edged.profiles import Catalog, Profile
+from edged.protocol import Defaults, Identity, Request, Route, with_style
 from edged.tools import Tool, ToolCall
 
 # Ollama's library names for the models edged builds, so clients that know those names find them.
@@ -34,6 +35,7 @@ class ServedModel:
     parameter_size: str  # "135M"
     context_tokens: int
     chat_template: str
+    profiles: Catalog = field(default_factory=Catalog)  # each profile is a model name too
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -48,15 +50,37 @@ class ServedModel:
 
 
 def resolve_model(name: object, served: ServedModel | None) -> ServedModel:
-    """The served model when ``name`` is one of its names (``:latest`` and case aside); UnknownModel otherwise."""
+    """The served model when ``name`` is one of its names or a profile's (``:latest`` and case aside);
+    UnknownModel otherwise."""
+    resolve(name, served)
+    assert served is not None
+    return served
+
+
+def resolve(name: object, served: ServedModel | None) -> Profile | None:
+    """The profile a model name picks: a profile's own name picks it, the model's names the node's default
+    profile (None when it has none), as a request without ``profile`` gets on MQTT."""
     if not isinstance(name, str) or not name:
         raise InvalidRequest("model is required: name the model to use, as /api/tags or /v1/models list it")
     wanted = name.lower().removesuffix(":latest")
     if served is None:
         raise UnknownModel(f"model {name!r} not found: this node has no model loaded")
-    if wanted not in (n.lower() for n in served.names):
-        raise UnknownModel(f"model {name!r} not found; this node serves {', '.join(served.names)}")
-    return served
+    if wanted in (n.lower() for n in served.names):
+        return served.profiles.pick(None)
+    by_name = {n.lower(): p for n, p in served.profiles.profiles.items()}
+    if wanted in by_name:
+        return by_name[wanted]
+    known = ", ".join([*served.names, *sorted(served.profiles.profiles)])
+    raise UnknownModel(f"model {name!r} not found; this node serves {known}")
+
+
+def profile_options(profile: Profile | None) -> dict[str, Any]:
+    """What a profile sets, by edged's names: the fallback for what the request does not say."""
+    if profile is None:
+        return {}
+    keys = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed", "format")
+    out = {key: getattr(profile, key) for key in keys if getattr(profile, key) is not None}
+    return {**out, "stop": list(profile.stop)} if profile.stop else out
 
 
 def parameter_size(model_name: str) -> str:
@@ -77,6 +101,7 @@ class Ask:
     format: str | dict[str, Any] | None = None  # "json" or a JSON schema the answer follows (edged.structured)
     tools: tuple[Tool, ...] = ()  # offered: the answer is a call of one of them, or (allow_answer) text
     allow_answer: bool = True
+    profile: Profile | None = None  # its system turn, style note and knowledge base (the rest is merged in)
 
     @property
     def constraint(self) -> str | dict[str, Any] | None:
@@ -150,9 +175,12 @@ class Answer:
 def to_request(ask: Ask, request_id: str, identity: Identity, defaults: Defaults, now: float) -> Request:
     """The queue's request for ``ask``: the node's system prompt, token budget and deadline applied, and the
     constraint the answer is held to as its format (admission compiles it, as for MQTT)."""
-    messages = ask.messages
-    if defaults.system_prompt and (not messages or messages[0].role != "system"):
-        messages = (Message("system", defaults.system_prompt), *messages)
+    messages, profile = ask.messages, ask.profile
+    system = profile.system if profile is not None and profile.system else defaults.system_prompt
+    if system and (not messages or messages[0].role != "system"):
+        messages = (Message("system", system), *messages)
+    if profile is not None and profile.style:
+        messages = with_style(messages, profile.style)
     messages = ask.told(messages)
     max_tokens = defaults.max_tokens if ask.max_tokens is None else ask.max_tokens
     return Request(
@@ -170,6 +198,8 @@ def to_request(ask: Ask, request_id: str, identity: Identity, defaults: Defaults
         received_at=now,
         deadline_at=now + defaults.deadline_ms / 1000,
         format=ask.constraint,
+        profile=profile.name if profile is not None else "",
+        knowledge=profile.knowledge if profile is not None else "",
     )
 
 

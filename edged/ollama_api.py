@@ -16,11 +16,14 @@ from edged.chat import (
     integer,
     known_fields,
     number,
+    profile_options,
+    resolve,
     resolve_model,
     stop_strings,
 )
 from edged.errors import EdgedError, InvalidRequest
 from edged.llm import Message, SamplingParams
+from edged.profiles import Profile
 from edged.tools import Tool, ToolCall, parse_tools
 
 _CHAT_FIELDS = frozenset(
@@ -62,7 +65,7 @@ _STATUS = {
 def parse_chat(body: dict[str, Any], served: ServedModel | None) -> Ask | None:
     """POST /api/chat. None for an empty ``messages`` (Ollama's way to load a model: nothing to generate)."""
     known_fields(body, _CHAT_FIELDS, "an /api/chat request")
-    resolve_model(body.get("model"), served)
+    profile = resolve(body.get("model"), served)
     _unsupported(body)
     raw = body.get("messages") or []
     if not isinstance(raw, list):
@@ -73,13 +76,13 @@ def parse_chat(body: dict[str, Any], served: ServedModel | None) -> Ask | None:
     tools = parse_tools(body["tools"]) if body.get("tools") else ()
     if isinstance(raw[-1], dict) and raw[-1].get("role") == "tool":
         tools = ()  # the model has a tool's result: it answers in words
-    return _ask(body, messages, tools)
+    return _ask(body, messages, profile, tools)
 
 
 def parse_generate(body: dict[str, Any], served: ServedModel | None) -> Ask | None:
     """POST /api/generate. None for an empty ``prompt`` (load only)."""
     known_fields(body, _GENERATE_FIELDS, "an /api/generate request")
-    resolve_model(body.get("model"), served)
+    profile = resolve(body.get("model"), served)
     _unsupported(body)
     for key in ("suffix", "template", "context", "images"):
         if body.get(key):
@@ -92,7 +95,7 @@ def parse_generate(body: dict[str, Any], served: ServedModel | None) -> Ask | No
     if not prompt:
         return None
     messages = (Message("system", system), Message("user", prompt)) if system else (Message("user", prompt),)
-    return _ask(body, messages)
+    return _ask(body, messages, profile)
 
 
 def _unsupported(body: dict[str, Any]) -> None:
@@ -136,11 +139,18 @@ def _call(raw: object, where: str) -> ToolCall:
     return ToolCall(function["name"], arguments)
 
 
-def _ask(body: dict[str, Any], messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> Ask:
+def _ask(
+    body: dict[str, Any], messages: tuple[Message, ...], profile: Profile | None, tools: tuple[Tool, ...] = ()
+) -> Ask:
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise InvalidRequest("options must be an object")
     known_fields(options, _OPTIONS_APPLIED | _OPTIONS_IGNORED, "options")
+    fallback = profile_options(profile)  # the profile's settings where the request says nothing
+    profile_format = fallback.pop("format", None)
+    if "max_tokens" in fallback:
+        fallback["num_predict"] = fallback.pop("max_tokens")
+    options = {**fallback, **options}
     sampling = SamplingParams(
         temperature=number(options.get("temperature", 0.0), "options.temperature"),
         top_k=integer(options.get("top_k", 0), "options.top_k", 0),
@@ -159,11 +169,11 @@ def _ask(body: dict[str, Any], messages: tuple[Message, ...], tools: tuple[Tool,
     stream = body.get("stream", True)  # Ollama streams unless told not to
     if not isinstance(stream, bool):
         raise InvalidRequest("stream must be true or false")
-    format = body.get("format") or None
+    format = body.get("format") or (None if tools else profile_format)
     if format is not None and format != "json" and not isinstance(format, dict):
         raise InvalidRequest('format must be "json" or a JSON schema object')
     check_constraints(format, tools)
-    return Ask(messages, max_tokens, sampling, stop, stream, format=format, tools=tools)
+    return Ask(messages, max_tokens, sampling, stop, stream, format=format, tools=tools, profile=profile)
 
 
 # -- responses ---------------------------------------------------------------------------------------
@@ -242,7 +252,8 @@ def tags(served: ServedModel | None) -> dict[str, Any]:
         "digest": served.digest,
         "details": _details(served),
     }
-    return {"models": [{"name": name, "model": name, **entry} for name in served.names]}
+    names = [*served.names, *sorted(served.profiles.profiles)]
+    return {"models": [{"name": name, "model": name, **entry} for name in names]}
 
 
 def ps(served: ServedModel | None) -> dict[str, Any]:

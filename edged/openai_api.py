@@ -16,6 +16,8 @@ from edged.chat import (
     integer,
     known_fields,
     number,
+    profile_options,
+    resolve,
     resolve_model,
     stop_strings,
 )
@@ -56,7 +58,9 @@ _FINISH = {"stop": "stop", "length": "length"}
 def parse(body: dict[str, Any], served: ServedModel | None) -> Ask:
     """POST /v1/chat/completions."""
     known_fields(body, _FIELDS, "a chat completion request")
-    resolve_model(body.get("model"), served)
+    profile = resolve(body.get("model"), served)
+    fallback = profile_options(profile)  # the profile's settings where the request says nothing
+    body = {**{k: v for k, v in fallback.items() if k not in ("top_k", "repeat_penalty", "format")}, **body}
     if body.get("n", 1) != 1:
         raise InvalidRequest("n must be 1: this node makes one answer per request")
     if body.get("logprobs") or body.get("logit_bias"):
@@ -72,11 +76,15 @@ def parse(body: dict[str, Any], served: ServedModel | None) -> Ask:
     if isinstance(raw[-1], dict) and raw[-1].get("role") == "tool":
         tools = ()  # the model has a tool's result: it answers in words
     format = _format(body.get("response_format"))
+    if format is None and not tools:
+        format = fallback.get("format")
     check_constraints(format, tools)
     sampling = SamplingParams(
         temperature=number(body["temperature"], "temperature") if body.get("temperature") is not None else 0.0,
         top_p=number(body["top_p"], "top_p") if body.get("top_p") is not None else 1.0,
         seed=integer(body["seed"], "seed", 0) if body.get("seed") is not None else None,
+        top_k=fallback.get("top_k", 0),
+        repeat_penalty=fallback.get("repeat_penalty", 1.0),
     )
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     stream = body.get("stream") or False
@@ -91,6 +99,7 @@ def parse(body: dict[str, Any], served: ServedModel | None) -> Ask:
         format=format,
         tools=tools,
         allow_answer=allow_answer,
+        profile=profile,
     )
 
 
@@ -188,7 +197,8 @@ def _text(content: object, i: int) -> str:
 
 def models(served: ServedModel | None) -> dict[str, Any]:
     """GET /v1/models."""
-    data = [] if served is None else [_model(name, served) for name in served.names]
+    names = [] if served is None else [*served.names, *sorted(served.profiles.profiles)]
+    data = [_model(name, served) for name in names if served is not None]
     return {"object": "list", "data": data}
 
 

@@ -400,7 +400,7 @@ def _request(
 
     messages = _messages(fields, defaults)
     if profile is not None and profile.style:
-        messages = _with_style(messages, profile.style)
+        messages = with_style(messages, profile.style)
     max_tokens = _int(fields, "max_tokens", defaults.max_tokens, minimum=1)
     deadline_ms = _int(fields, "deadline_ms", defaults.deadline_ms, minimum=1, maximum=MAX_DEADLINE_MS)
     sampling = SamplingParams(
@@ -486,7 +486,7 @@ def _messages(fields: dict[str, Any], defaults: Defaults) -> tuple[Message, ...]
     return tuple(turns)
 
 
-def _with_style(messages: tuple[Message, ...], style: str) -> tuple[Message, ...]:
+def with_style(messages: tuple[Message, ...], style: str) -> tuple[Message, ...]:
     """The conversation with the profile's style note after its last user turn."""
     last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
     if last is None:

@@ -28,6 +28,7 @@ from edged.errors import EdgedError, InvalidRequest, TooLong
 from edged.inbox import Wiring, admit
 from edged.llm import Engine, Generation
 from edged.metrics import Counts
+from edged.profiles import Catalog
 from edged.protocol import Identity, Request
 from edged.store import read_manifest
 
@@ -51,7 +52,7 @@ class Served:
     engine: Callable[[], Engine | None]
 
 
-def describe(engine: Engine | None) -> ServedModel | None:
+def describe(engine: Engine | None, profiles: Catalog) -> ServedModel | None:
     """The loaded model as the APIs describe it, from its directory (manifest, config, tokenizer config)."""
     if engine is None:
         return None
@@ -68,6 +69,7 @@ def describe(engine: Engine | None) -> ServedModel | None:
         parameter_size=parameter_size(engine.name),
         context_tokens=engine.context_tokens,
         chat_template=str(_json(engine.model_dir / "tokenizer_config.json").get("chat_template") or ""),
+        profiles=profiles,
     )
 
 
@@ -160,7 +162,7 @@ class FrontDoor:
         self._counters = counters
         self._key = config.api_key.encode()
         self._tickets: set[_Ticket] = set()
-        self._described: tuple[Engine | None, ServedModel | None] | None = None
+        self._described: tuple[Engine | None, Catalog, ServedModel | None] | None = None
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._run, name="edged-http", daemon=True)
@@ -269,10 +271,10 @@ class FrontDoor:
 
     def _model(self) -> ServedModel | None:
         """The served model's description, read again only when a reload swapped the engine."""
-        engine = self._served.engine()
-        if self._described is None or self._described[0] is not engine:
-            self._described = (engine, describe(engine))
-        return self._described[1]
+        engine, profiles = self._served.engine(), self._served.wiring().defaults.profiles
+        if self._described is None or self._described[:2] != (engine, profiles):
+            self._described = (engine, profiles, describe(engine, profiles))
+        return self._described[2]
 
     async def _submit(self, ask: Ask, request: web.Request, model: str) -> _Ticket:
         """Admits and queues ``ask`` as MQTT requests are (rate, model, governor, queue, the format compiled,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -288,3 +289,21 @@ def test_a_schema_that_cannot_be_compiled_is_refused(http_port: int) -> None:
             },
         )
         assert both.status_code == 400 and "not both" in both.json()["error"]
+
+
+def test_a_profile_is_a_model_name(http_port: int) -> None:
+    """The node's profiles (profiles/*.toml here) are listed as models; naming one applies it: its token
+    budget and style for `brief`, its JSON format for `sensor-json`."""
+    profiles = Path(__file__).parent.parent / "profiles"
+    shape = tomllib.loads((profiles / "sensor-json.toml").read_text())["format"]
+
+    async def run() -> tuple[ollama.ListResponse, ollama.ChatResponse, ollama.GenerateResponse]:
+        c = client(http_port)
+        brief = await c.chat(model="brief", messages=[{"role": "user", "content": "Why is the sky blue?"}])
+        report = await c.generate(model="sensor-json", prompt="Soil moisture 12 %, air 31 C, no rain for 9 days.")
+        return await c.list(), brief, report
+
+    listed, brief, report = asyncio.run(run())
+    assert {"brief", "sensor-json"} <= {m.model for m in listed.models}
+    assert brief.eval_count and brief.eval_count <= 48 and brief.message.content
+    jsonschema.validate(json.loads(report.response or ""), shape)

@@ -55,7 +55,7 @@ def client(base_url: str, key: str = KEY) -> openai.OpenAI:
 
 def test_models_lists_the_served_model(base_url: str) -> None:
     ids = [m.id for m in client(base_url).models.list()]
-    assert SMOLLM2 in ids and "smollm2:135m" in ids
+    assert SMOLLM2 in ids and "smollm2:135m" in ids and "brief" in ids  # profiles are model names too
     assert client(base_url).models.retrieve("smollm2:135m").owned_by == "edged"
 
 
@@ -88,6 +88,8 @@ def test_max_tokens_stop_and_seed(base_url: str) -> None:
     c = client(base_url)
     short = c.chat.completions.create(model=SMOLLM2, messages=FRANCE, max_tokens=4)  # type: ignore[arg-type]
     assert short.choices[0].finish_reason == "length" and short.usage and short.usage.completion_tokens == 4
+    brief = c.chat.completions.create(model="brief", messages=FRANCE, max_tokens=3)  # type: ignore[arg-type]
+    assert brief.usage and brief.usage.completion_tokens == 3, "the request's own max_tokens beats the profile's"
     cut = c.chat.completions.create(model=SMOLLM2, messages=FRANCE, stop=["Paris"])  # type: ignore[arg-type]
     assert "Paris" not in (cut.choices[0].message.content or "") and cut.choices[0].finish_reason == "stop"
     sampled = [

@@ -51,7 +51,8 @@ test: models lint
 bench: models
 	$(BIN)/edged bench
 
-# The peers `edged bench` measures edged against (optimum comes with the build extra). Not part of `make test`
+# The peers `edged bench` measures edged against: optimum's generate on the recipe's optimum export (the
+# build extra has optimum) and llama.cpp on the recipe's GGUF. Not part of `make test`
 # or CI: llama-cpp-python compiles llama.cpp from source, 5-10 minutes on 2 cores. The native build dies
 # with SIGILL at the first token on these Xeons (AMX advertised, not allowed by the VM), so the CPU features
 # are named instead of detected.
@@ -59,7 +60,8 @@ LLAMA_CPP_VERSION = 0.3.36
 LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
   -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON \
   -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-peers: setup
+peers: models
+	$(BIN)/edged model build $(MODEL) --graph optimum
 	@if $(BIN)/python -c 'import importlib.metadata as m, sys; sys.exit(m.version("llama-cpp-python") != "$(LLAMA_CPP_VERSION)")' 2>/dev/null; then \
 	  echo "llama-cpp-python $(LLAMA_CPP_VERSION) already installed"; \
 	else \

@@ -27,7 +27,7 @@ from edged.mqtt import Link
 from edged.outbox import Outbox
 from edged.profiles import Catalog
 from edged.protocol import Defaults
-from edged.scheduler import RateLimiter, Scheduler
+from edged.scheduler import RateLimiter, Scheduler, default_slots
 from edged.sensors import Sensors
 from edged.structured import compile_format
 from edged.systemd import notify, setup_logging
@@ -224,6 +224,7 @@ class App:
             config.queue_capacity,
             self.outbox,
             threads=engine.session.threads,
+            slots=config.slots or default_slots(len(os.sched_getaffinity(0))),
             limits=lambda: self.monitor.limits,
             energy_j=self.meter.read,
             fault=self._env.get("EDGED_FAULT"),
@@ -283,6 +284,7 @@ def _new_engine(config: Config) -> Engine:
         config.resolved_models_dir() / config.model,
         threads=config.threads or None,
         context_tokens=config.context_tokens,
+        prefix_cache_mb=config.prefix_cache_mb,
     )
     engine.complete(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=1))
     return engine

@@ -21,6 +21,7 @@ from typing import Any
 
 from edged import peers
 from edged.broker import LocalBroker
+from edged.errors import ModelUnavailable
 from edged.llm import Engine, GenerationRequest, Message
 from edged.mqtt import set_nodelay
 
@@ -415,6 +416,16 @@ def peer_rows(
     return rows
 
 
+def _optimum_build(models_dir: Path, recipe: str) -> Path:
+    from edged.store import find_recipe
+
+    try:
+        r = find_recipe(models_dir, recipe)
+    except ModelUnavailable:
+        return models_dir / recipe
+    return models_dir / r.dir_name(r.default_quant, "optimum")
+
+
 def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, log: Any = None) -> dict[str, Any]:
     """Runs every available peer in fresh processes, alternated round by round; medians, ratios and each run's load."""
     model_dir = models_dir / model
@@ -453,9 +464,18 @@ def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, 
             except Exception as exc:  # no recipe with a GGUF source, or the fetch failed
                 status[peer] = f"skipped: no source GGUF for {model} ({exc})"
                 continue
-        else:
-            peer_dir = models_dir / recipe if peer == peers.OPTIMUM else model_dir
+        elif peer == peers.OPTIMUM:
+            # optimum's generate needs optimum's export of the same weights: the recipe's optimum build.
+            peer_dir = _optimum_build(models_dir, recipe)
+            if not (peer_dir / "model.onnx").is_file():
+                status[peer] = (
+                    f"skipped: no optimum export of {recipe}; build it with "
+                    f"`edged model build {recipe} --graph optimum` (or `make peers`)"
+                )
+                continue
             specs[peer] = {**spec, "peer": peer, "model_dir": str(peer_dir)}
+        else:
+            specs[peer] = {**spec, "peer": peer, "model_dir": str(model_dir)}
         status[peer] = "ok"
 
     runs: list[tuple[int, peers.ChildRun, bool]] = []  # (round, run, counted: False when busy and repeated)

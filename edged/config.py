@@ -68,6 +68,9 @@ class BrokerConfig:
         return urlsplit(self.url).scheme == "mqtts"
 
 
+MAX_SLOTS = 16  # answers decoded together: past a handful a step is no longer memory-bound on these boards
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     """The HTTP front door: the Ollama and OpenAI APIs and the kiosk page (off by default)."""
@@ -105,7 +108,9 @@ class Config:
     profile: str = ""  # the profile of a request that names none; empty: none
     knowledge_dir: str = ""  # knowledge bases (`edged kb build`); default: knowledge/ beside the models directory
     threads: int = 0  # 0: all cores on 1-2 core boards, else cores - 1
-    context_tokens: int = 2048
+    context_tokens: int = 2048  # per answer, prompt included; KV memory is context_tokens x slots
+    slots: int = 0  # answers decoded together; 0: 4 on boards with 4+ cores, else 2
+    prefix_cache_mb: float = 32.0  # keys and values of recent prompt prefixes (system prompts) kept; 0: off
     system_prompt: str = ""  # empty: the model's own default system turn
     max_tokens: int = 256  # per request, when the request does not say
     max_tokens_cap: int = 512  # no request gets more
@@ -193,6 +198,10 @@ def validate(config: Config) -> Config:
     for key in ("max_tokens", "max_tokens_cap", "deadline_ms", "queue_capacity", "max_payload_bytes"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if not 0 <= config.slots <= MAX_SLOTS:
+        raise ConfigError(f"slots must be 0 (by the cores) to {MAX_SLOTS}, got {config.slots}")
+    if config.prefix_cache_mb < 0:
+        raise ConfigError(f"prefix_cache_mb must be 0 (off) or more, got {config.prefix_cache_mb}")
     if config.max_tokens > config.max_tokens_cap:
         raise ConfigError(f"max_tokens ({config.max_tokens}) is above max_tokens_cap ({config.max_tokens_cap})")
     for key in ("reply_topics", "v1_reply_topics"):

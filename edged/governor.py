@@ -38,6 +38,7 @@ class Limits:
     pause_ms: float
     threads_delta: int  # added to the configured thread count (never below 1)
     in_fleet: bool  # stays in the fleet's shared subscription
+    slots_cap: int | None = None  # at most this many answers decoded together
 
 
 def decide(snap: PowerSnapshot, t: Thresholds, previous: str) -> str:
@@ -69,7 +70,7 @@ def _low_power(snap: PowerSnapshot, t: Thresholds, was_low: bool) -> bool:
 
 def limits(state: str, t: Thresholds) -> Limits:
     if state == "warm":
-        return Limits(True, None, True, False, t.warm_max_tokens, t.warm_pause_ms, -1, True)
+        return Limits(True, None, True, False, t.warm_max_tokens, t.warm_pause_ms, -1, True, slots_cap=2)
     if state == "hot":
         return Limits(False, "thermal", False, False, t.warm_max_tokens, t.warm_pause_ms, -1, False)
     if state == "critical":
@@ -85,5 +86,6 @@ def limits(state: str, t: Thresholds) -> Limits:
             t.low_power_pause_ms,
             -99,
             False,
+            slots_cap=1,
         )
     return Limits(True, None, True, False, None, 0.0, 0, True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from edged import protocol
 from edged.errors import EdgedError
 from edged.journal import Journal
-from edged.llm import Generation
+from edged.llm.engine import Sequence
 from edged.metrics import Counts
 from edged.mqtt import NotSent
 from edged.protocol import Request, Route
@@ -68,7 +68,7 @@ class Outbox:
     def chunk(self, request: Request, seq: int, delta: str) -> None:
         self._put(_Send(request.route, protocol.chunk(request.id, seq, delta)))
 
-    def result(self, request: Request, generation: Generation, energy_j: float | None, model: str) -> None:
+    def result(self, request: Request, generation: Sequence, energy_j: float | None, model: str) -> None:
         r = generation.result
         assert r is not None
         if r.timings.tokens_per_s:

@@ -73,23 +73,29 @@ def _decode_rate(stamps_s: Sequence[float]) -> float:
 
 
 class EdgedRunner:
-    """edged's engine through its public API; the prompt is rendered by the engine from the same messages."""
-
-    prefix_cache = False
-    batches = False
+    """edged's engine through its public API, as the daemon configures it (prefix cache on, a batch of
+    slots); the prompt is rendered by the engine from the same messages."""
 
     def __init__(self, model_dir: Path, threads: int, context_tokens: int) -> None:
         from edged.llm import Engine
 
-        self.engine = Engine(model_dir, threads=threads, context_tokens=context_tokens)
+        self.engine = Engine(model_dir, threads=threads, context_tokens=context_tokens, prefix_cache_mb=32)
+        self.prefix_cache = self.engine.prefix_cache is not None
+        self.batches = self.engine.session.batches
 
-    def stream(self, prompt: Prompt, max_tokens: int, *, keep_prefix: bool = False) -> Stream:
+    def _request(self, prompt: Prompt, max_tokens: int) -> Any:
         from edged.llm import GenerationRequest, Message
 
         messages = tuple(Message(role, content) for role, content in prompt.messages)
         request = GenerationRequest(messages=messages, max_tokens=max_tokens)
         if self.engine.prompt_ids(request) != prompt.ids:
             raise RuntimeError("edged rendered the bench prompt to other token ids than the bench did")
+        return request
+
+    def stream(self, prompt: Prompt, max_tokens: int, *, keep_prefix: bool = False) -> Stream:
+        request = self._request(prompt, max_tokens)
+        if not keep_prefix and self.engine.prefix_cache is not None:
+            self.engine.prefix_cache.clear()  # as llama.cpp is reset: only the cached-prompt row reuses one
         start = time.perf_counter()
         generation = self.engine.generate(request)
         stamps: list[float] = []
@@ -102,8 +108,20 @@ class EdgedRunner:
         return Stream(list(result.token_ids), stamps, result.timings.ttft_ms, result.timings.tokens_per_s)
 
     def batch(self, prompt: Prompt, copies: int, max_tokens: int) -> int:
-        # One worker owns the engine: concurrent requests are served one at a time.
-        return sum(len(self.stream(prompt, max_tokens).token_ids) for _ in range(copies))
+        from edged.llm.engine import Batch
+
+        if not self.batches:  # an optimum export holds one sequence: served one at a time
+            return sum(len(self.stream(prompt, max_tokens).token_ids) for _ in range(copies))
+        if self.engine.prefix_cache is not None:
+            self.engine.prefix_cache.clear()
+        request = self._request(prompt, max_tokens)
+        batch = Batch(self.engine, copies)  # as the daemon's scheduler: each joins, then one step for all
+        seqs = [self.engine.sequence(request, prompt.ids) for _ in range(copies)]
+        for seq in seqs:
+            batch.add(seq)
+        while batch.running:
+            batch.step()
+        return sum(len(seq.token_ids) for seq in seqs)
 
 
 class LlamaCppRunner:

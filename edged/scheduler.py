@@ -1,4 +1,5 @@
-"""Admission and the one generation worker: a bounded priority queue in front of the engine."""
+"""Admission and the one generation worker: a bounded priority queue in front of a batch of running
+sequences (continuous batching: a request joins between decode steps, leaves the moment it ends)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Protocol
 from edged.admission import displaced
 from edged.errors import Busy, EdgedError, Internal
 from edged.governor import Limits
-from edged.llm import Engine, Generation
+from edged.llm import Engine
+from edged.llm.engine import Batch, Sequence
 from edged.protocol import Identity, Request
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ class Replies(Protocol):
 
     def chunk(self, request: Request, seq: int, delta: str) -> None: ...
 
-    def result(self, request: Request, generation: Generation, energy_j: float | None, model: str) -> None: ...
+    def result(self, request: Request, generation: Sequence, energy_j: float | None, model: str) -> None: ...
 
     def ended(self, request: Request, finish_reason: str) -> None:
         """A request that ended without compute: ``deadline`` or ``cancelled`` while queued."""
@@ -85,6 +87,20 @@ def _key(job: _Job) -> tuple[str, str]:
     return job.request.identity.key, job.request.id
 
 
+@dataclass
+class _Running:
+    job: _Job
+    seq: Sequence
+    engine: str  # the model's name, for the reply
+    chunks: int = 0
+    energy_j: float | None = None  # this sequence's share of the energy spent while it ran
+
+
+def default_slots(cores: int) -> int:
+    """Sequences decoded together by default: 4 on boards with 4 or more cores, 2 on smaller ones."""
+    return 4 if cores >= 4 else 2
+
+
 class Scheduler:
     """Queued requests ordered alert > normal > background, FIFO within a level; one worker owns the engine."""
 
@@ -95,12 +111,14 @@ class Scheduler:
         replies: Replies,
         *,
         threads: int,
+        slots: int = 1,
         limits: Callable[[], Limits],
         energy_j: Callable[[], float] | None = None,
         fault: str | None = None,
     ) -> None:
         self._engine = engine
         self._threads = threads  # configured; the governor may lower it
+        self._slots = slots  # configured (an optimum export runs one); the governor may lower it
         self._limits = limits
         self._energy_j = energy_j
         self._fault = fault  # fault injection for the reliability tests: "freeze-worker"
@@ -110,7 +128,7 @@ class Scheduler:
         self._queued: dict[tuple[str, str], _Job] = {}  # (identity key, id) -> job
         self._seq = itertools.count()
         self._cond = threading.Condition()
-        self._running: tuple[Request, Generation] | None = None
+        self._running: dict[tuple[str, str], _Running] = {}  # (identity key, id) -> running sequence
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="edged-worker", daemon=True)
         self.heartbeat = time.monotonic()  # moves while the worker is alive and not stuck
@@ -173,31 +191,32 @@ class Scheduler:
         with self._cond:
             key = next((k for k, j in self._queued.items() if mine(j.request)), None)
             job = self._queued.pop(key) if key is not None else None
-            running = self._running
+            running = next((r for r in self._running.values() if mine(r.job.request)), None)
         if job is not None:
             job.replies.ended(job.request, "cancelled")
             return True
-        if running is not None and mine(running[0]):
-            running[1].cancel("cancelled")
+        if running is not None:
+            running.seq.cancel("cancelled")
             return True
         return False
 
     def swap_engine(self, engine: Engine, threads: int) -> None:
-        """Takes effect at the next request; queued requests stay queued and are tokenized again."""
+        """Takes effect once the running answers have ended; queued requests stay queued and are tokenized
+        again by the new engine."""
         with self._cond:
             self._engine, self._threads = engine, threads
             for job in self._queued.values():
                 job.prompt_ids = None
 
     def apply(self, limits: Limits, reason: str) -> None:
-        """A governor change: pace or stop the running answer, wake the worker if queued work may run."""
+        """A governor change: stop the running answers if it says so, wake the worker (pauses, slots and
+        threads are read at every step)."""
         with self._cond:
-            running = self._running
+            running = list(self._running.values())
             self._cond.notify_all()
-        if running is not None:
-            running[1].pause_s = limits.pause_ms / 1000
-            if limits.stop_running:
-                running[1].cancel(reason)
+        if limits.stop_running:
+            for r in running:
+                r.seq.cancel(reason)
 
     def stop(self, timeout_s: float) -> None:
         """Stops taking work; the running answer may finish within ``timeout_s``, queued ones stay journaled."""
@@ -206,12 +225,15 @@ class Scheduler:
             self._cond.notify_all()
         self._thread.join(timeout_s)
         with self._cond:
-            running = self._running
-        if running is not None:
-            running[1].cancel("cancelled")
+            running = list(self._running.values())
+        for r in running:
+            r.seq.cancel("cancelled")
+        if running:
             self._thread.join(5)
 
-    def _next(self) -> _Job | None:
+    def _take(self, wait: bool) -> _Job | None:
+        """The next queued job the governor lets run (waiting for one if ``wait``), answering those that
+        expired while held back; None when there is none or the scheduler stops."""
         while True:
             expired: list[_Job] = []
             with self._cond:
@@ -229,26 +251,45 @@ class Scheduler:
                     for j in expired:
                         del self._queued[_key(j)]
                 self.heartbeat = time.monotonic()
+                if not expired and not wait:
+                    return None
                 if not expired:
                     self._cond.wait(0.5 if self._heap else 1.0)
             for j in expired:
                 j.replies.ended(j.request, "deadline")
 
     def _work(self) -> None:
-        while (job := self._next()) is not None:
-            try:
-                self._run(job)
-            except EdgedError as exc:
-                job.replies.failed(job.request, exc)
-            except Exception as exc:  # the worker must survive anything one request does
-                log.exception("request %s failed", job.request.id)
-                job.replies.failed(job.request, Internal(f"generation failed: {type(exc).__name__}"))
-            finally:
+        batch: Batch | None = None
+        while True:
+            with self._cond:
+                engine, stopping = self._engine, self._stopping
+            limits = self._limits()
+            running = batch.running if batch is not None else []
+            if stopping and not running:
+                return
+            if batch is None or (batch.engine is not engine and not running):
+                batch = Batch(engine, self._slots if engine.session.batches else 1)  # first, or a swapped model
+                continue
+            # The governor's thread count: a session reload between two steps (the keys and values are ours).
+            batch.engine.set_threads(max(1, self._threads + limits.threads_delta))
+            room = min(batch.free, (limits.slots_cap or batch.slots) - len(running))
+            if batch.engine is engine and not stopping and room > 0:
+                job = self._take(wait=not running)
+                if job is not None:
+                    self._join(batch, job, limits)
+                    continue
+                if not running:
+                    continue
+            if not running:  # a swap pending, or the governor holding slots back
                 with self._cond:
-                    self._running = None
-                self.heartbeat = time.monotonic()
+                    self._cond.wait(0.5)
+                continue
+            if limits.pause_ms > 0:
+                time.sleep(limits.pause_ms / 1000)  # duty cycling: a pause before each decode step
+            self._step(batch)
 
-    def _run(self, job: _Job) -> None:
+    def _join(self, batch: Batch, job: _Job, limits: Limits) -> None:
+        """Starts ``job`` in a free slot of ``batch``: its prefill and its first token."""
         request = job.request
         now_wall, now = time.time(), time.monotonic()
         if now_wall >= request.deadline_at:  # expired while queued: no compute at all
@@ -256,31 +297,73 @@ class Scheduler:
             return
         if self._fault == "freeze-worker":
             threading.Event().wait()  # a hung worker, as the watchdog must notice
-        with self._cond:
-            engine = self._engine
-        limits = self._limits()
-        engine.set_threads(max(1, self._threads + limits.threads_delta))
+        engine = batch.engine
+        try:
+            prompt_ids = job.prompt_ids if job.prompt_ids is not None else engine.prompt_ids(request.generation)
+        except EdgedError as exc:
+            job.replies.failed(request, exc)
+            return
         max_tokens = request.generation.max_tokens
         if limits.max_tokens_cap is not None:
             max_tokens = min(max_tokens, limits.max_tokens_cap)
-        generation = engine.generate(
-            replace(
-                request.generation,
-                max_tokens=max_tokens,
-                arrived_s=now - (now_wall - request.received_at),
-                deadline_s=now + (request.deadline_at - now_wall),
-            ),
-            job.prompt_ids,
+        generation = replace(
+            request.generation,
+            max_tokens=max_tokens,
+            arrived_s=now - (now_wall - request.received_at),
+            deadline_s=now + (request.deadline_at - now_wall),
         )
-        generation.pause_s = limits.pause_ms / 1000
+        seq = engine.sequence(generation, prompt_ids)
+        run = _Running(job, seq, engine.name)
         with self._cond:
-            self._running = (request, generation)
-        energy_start = self._energy_j() if self._energy_j else None
-        for seq, delta in enumerate(generation):
-            self.heartbeat = time.monotonic()
-            if request.stream:
-                job.replies.chunk(request, seq, delta)
-        energy = None
-        if self._energy_j is not None and energy_start is not None:
-            energy = round(self._energy_j() - energy_start, 3)
-        job.replies.result(request, generation, energy, engine.name)
+            self._running[_key(job)] = run
+        energy = self._energy_j() if self._energy_j else None
+        try:
+            text = batch.add(seq)
+        except Exception as exc:
+            self._fail(run, exc)
+            return
+        self._share_energy([run], energy)
+        self._emit(run, text)
+
+    def _step(self, batch: Batch) -> None:
+        with self._cond:
+            runs = {id(r.seq): r for r in self._running.values()}
+        energy = self._energy_j() if self._energy_j else None
+        try:
+            out = batch.step()
+        except Exception as exc:  # the worker must survive anything a step does: its answers fail, not the node
+            for seq, _ in batch.end_all("internal"):
+                self._fail(runs[id(seq)], exc)
+            return
+        self._share_energy([runs[id(seq)] for seq, _ in out], energy)
+        for seq, text in out:
+            self._emit(runs[id(seq)], text)
+        self.heartbeat = time.monotonic()
+
+    def _share_energy(self, runs: list[_Running], before: float | None) -> None:
+        """Splits the energy spent since ``before`` evenly over the sequences that shared the run."""
+        if self._energy_j is None or before is None or not runs:
+            return
+        share = (self._energy_j() - before) / len(runs)
+        for r in runs:
+            r.energy_j = (r.energy_j or 0.0) + share
+
+    def _emit(self, run: _Running, text: str) -> None:
+        request, seq = run.job.request, run.seq
+        if text and request.stream:
+            run.job.replies.chunk(request, run.chunks, text)
+            run.chunks += 1
+        if seq.finished:
+            with self._cond:
+                self._running.pop(_key(run.job), None)
+            energy = round(run.energy_j, 3) if run.energy_j is not None else None
+            run.job.replies.result(request, seq, energy, run.engine)
+
+    def _fail(self, run: _Running, exc: Exception) -> None:
+        with self._cond:
+            self._running.pop(_key(run.job), None)
+        if isinstance(exc, EdgedError):
+            run.job.replies.failed(run.job.request, exc)
+        else:
+            log.error("request %s failed", run.job.request.id, exc_info=exc)
+            run.job.replies.failed(run.job.request, Internal(f"generation failed: {type(exc).__name__}"))

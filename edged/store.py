@@ -56,6 +56,9 @@ def model_dir_name(
     return name if graph == default_graph else f"{name}-{graph}"
 
 
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")  # of edged's gqa graph
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to build one model: ``models/<name>.toml``."""
@@ -68,6 +71,9 @@ class Recipe:
     source: dict[str, Any]
     tokenizer: dict[str, Any] = field(default_factory=dict)
     graph: str = "optimum"  # the default decoder graph, one of GRAPHS
+    # Projections of the gqa graph whose MatMulNBits quantize their input to int8 (accuracy level 4)
+    # whatever ``accuracy_level`` says: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head.
+    int8_activations: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -75,7 +81,8 @@ class Recipe:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read recipe {path}: {exc}") from exc
-        unknown = set(data) - {"description", "default_quant", "accuracy_level", "source", "tokenizer", "graph"}
+        known = {"description", "default_quant", "accuracy_level", "source", "tokenizer", "graph", "int8_activations"}
+        unknown = set(data) - known
         if unknown:
             raise ValueError(f"recipe {path}: unknown keys {sorted(unknown)}")
         source = data.get("source")
@@ -87,6 +94,9 @@ class Recipe:
         graph = data.get("graph", "optimum")
         if graph not in GRAPHS:
             raise ValueError(f"recipe {path}: graph must be one of {GRAPHS}")
+        int8 = data.get("int8_activations", [])
+        if not isinstance(int8, list) or not set(int8) <= set(PROJECTIONS):
+            raise ValueError(f"recipe {path}: int8_activations must list some of {', '.join(PROJECTIONS)}")
         return cls(
             name=path.stem,
             path=path,
@@ -96,6 +106,7 @@ class Recipe:
             source=source,
             tokenizer=dict(data.get("tokenizer", {})),
             graph=graph,
+            int8_activations=tuple(int8),
         )
 
     def dir_name(self, quant: str, graph: str | None = None) -> str:

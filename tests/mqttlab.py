@@ -23,10 +23,11 @@ from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SMOLLM2 = "smollm2-135m-instruct"
-# What the contract suites share: a queue of two (so "full" is reachable), a 512-token context, a 4 KB
-# payload cap, and a rate limit that a suite sending many requests does not hit.
+# What the contract suites share: one answer running and a queue of two (so "full" is reachable), a
+# 512-token context, a 4 KB payload cap, and a rate limit that a suite sending many requests does not hit.
 CONTRACT_SETTINGS: dict[str, Any] = {
     "model": SMOLLM2,
+    "slots": 1,
     "queue_capacity": 2,
     "context_tokens": 512,
     "max_payload_bytes": 4096,

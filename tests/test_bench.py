@@ -92,7 +92,7 @@ def test_bench_quick_compares_every_peer_or_names_how_to_install_it(quick_report
     if status[peers.LLAMA_CPP] != "ok":
         assert "make peers" in status[peers.LLAMA_CPP]
     if status[peers.OPTIMUM] != "ok":
-        assert "pip install" in status[peers.OPTIMUM]
+        assert "pip install" in status[peers.OPTIMUM] or "--graph optimum" in status[peers.OPTIMUM]
     assert compared["prompt_tokens"]["short"] == bench.QUICK_SIZES.short_prompt
     assert compared["prompt_tokens"]["long"] >= bench.QUICK_SIZES.long_prompt
     assert compared["prompt_tokens"]["system_shared"] >= bench.QUICK_SIZES.system_prompt
@@ -121,10 +121,9 @@ def test_bench_quick_rows_are_complete_and_ratios_are_edged_over_peer(quick_repo
                 assert ratio == pytest.approx(row["values"][peers.EDGED] / row["values"][peer]), (key, peer)
     # The int4 build carries the GGUF's blocks exactly: its greedy answer starts as the fp32 build's does.
     assert rows["first_16_match"]["values"][peers.EDGED] == 1.0
-    # Features edged does not have yet are measured as they are and marked, never passed off as the feature.
-    assert peers.EDGED in rows["ttft_system_cached_ms"]["notes"]
-    assert peers.EDGED in rows["aggregate_4_tok_s"]["notes"]
-    assert peers.EDGED not in rows["aggregate_1_tok_s"]["notes"]
+    # edged keeps prompt prefixes and batches concurrent requests: its rows are the features themselves.
+    for key in ("ttft_system_cached_ms", "aggregate_4_tok_s", "aggregate_1_tok_s"):
+        assert peers.EDGED not in rows[key]["notes"], rows[key]["notes"]
 
 
 def test_bench_quick_prints_the_table_and_the_load_of_every_run(

@@ -153,12 +153,18 @@ def _build(recipe: Recipe, quant: str, graph: str, key: str, out: Path, work: Pa
             "bits": bits,
             "accuracy_level": recipe.accuracy_level,
         }
+        if graph == "gqa" and recipe.int8_activations:
+            quant_info["int8_activations"] = list(recipe.int8_activations)
     if graph == "gqa":
         step(3, "no ONNX export: edged writes its own graph")
         for name in ("config.json", "generation_config.json"):
             shutil.copy(hf_dir / name, out / name)
-        step(4, f"writing the decoder graph (GroupQueryAttention, {quant}, accuracy level {recipe.accuracy_level})")
-        model, stats = build_decoder(hf_dir, quant, recipe.accuracy_level, blocks)
+        int8 = recipe.int8_activations if bits is not None else ()
+        levels = f"accuracy level {recipe.accuracy_level}"
+        if int8:
+            levels += f", int8 activations in {', '.join(int8)}"
+        step(4, f"writing the decoder graph (GroupQueryAttention, {quant}, {levels})")
+        model, stats = build_decoder(hf_dir, quant, recipe.accuracy_level, blocks, int8)
         onnx.save(model, str(out / "model.onnx"))
         if bits is not None:
             quant_info.update({"gguf_blocks_carried_exactly": bool(stats["exact_blocks"]), **stats})

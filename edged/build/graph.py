@@ -115,10 +115,11 @@ def load_hf_weights(hf_dir: Path) -> dict[str, F32]:
 class _Writer:
     """Writes the decoder's nodes into one graph, converting each weight once (tied tables shared by content)."""
 
-    def __init__(self, quant: str, accuracy_level: int, source: BlockSource) -> None:
+    def __init__(self, quant: str, accuracy_level: int, source: BlockSource, int8_activations: tuple[str, ...]) -> None:
         self.quant = quant
         self.bits = 8 if quant == "int8" else 4
         self.level = accuracy_level
+        self.int8_activations = int8_activations
         self.source = source
         model = helper.make_model(
             helper.make_graph([], "edged-decoder", [], []),
@@ -164,7 +165,8 @@ class _Writer:
             return y
         t = self.tables(key, weights)
         matmul = helper.make_node("MatMul", [x, ""], [y])  # only its input and output names are read
-        self.nodes.extend(_matmul_nbits(self.g, matmul, t, self.level, self.block_sums))
+        level = 4 if key.rsplit(".", 1)[-1] in self.int8_activations else self.level
+        self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums))
         self.stats["matmul_nbits"] += len(t.parts)
         self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
         return y
@@ -208,15 +210,17 @@ def _stack(blocks: list[BlockWeights]) -> BlockWeights:
 
 
 def build_decoder(
-    hf_dir: Path, quant: str, accuracy_level: int, source: BlockSource
+    hf_dir: Path, quant: str, accuracy_level: int, source: BlockSource, int8_activations: tuple[str, ...] = ()
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The decoder graph of the transformers model in ``hf_dir``; ``source`` gives a weight's GGUF blocks.
+    The projections named in ``int8_activations`` run at accuracy level 4 (int8 activations), the rest at
+    ``accuracy_level``.
 
     Returns the model and what was converted (for the manifest).
     """
     shape = DecoderShape.from_config(json.loads((hf_dir / "config.json").read_text()))
     weights = load_hf_weights(hf_dir)
-    w = _Writer(quant, accuracy_level, source)
+    w = _Writer(quant, accuracy_level, source, int8_activations)
     kv_shape: list[int | str] = ["batch", shape.kv_heads, "max_length", shape.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),

@@ -1,10 +1,12 @@
-"""The generation loop: a request in, an iterator of text deltas out, a result at the end."""
+"""Generation: one request's state as a ``Sequence``, several decoded together in a ``Batch``, recent
+prompt prefixes kept in a ``PrefixCache``; ``Engine.generate`` runs one request alone as an iterator."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy.typing as npt
 
 from edged.errors import InvalidRequest, ModelUnavailable, TooLong
 from edged.llm.sampling import Sampler, SamplingParams
-from edged.llm.session import DecoderSession
+from edged.llm.session import DecoderSession, KVBuffer, Logits
 from edged.llm.tokenizer import ROLES, ChatTokenizer, IncrementalDecoder, Message
 
 MAX_STOP_STRINGS = 8
@@ -24,6 +26,9 @@ DEFAULT_CONTEXT_TOKENS = 2048
 # A 1,991-token prompt on SmolLM2-135M int4, 2 threads: chunk 64 peaks at 422 MB RSS, 128 at 490 MB,
 # 256 at 590 MB, for about the same time to first token (4.4-5 s); the whole prompt at once took 2 GB, 9.9 s.
 PREFILL_CHUNK_TOKENS = 64
+# A shared prompt prefix shorter than this is not worth keeping (SmolLM2-135M: 46 KB of keys and values
+# a token, about 2 ms of prefill each on 2 cores).
+MIN_PREFIX_TOKENS = 16
 
 
 class LogitsHook(Protocol):
@@ -118,22 +123,33 @@ class StopMatcher:
         return piece
 
 
-class Generation(Iterator[str]):
-    """One running generation. Iterate for text deltas; ``result`` is set once iteration ends.
+class Sequence:
+    """One request's generation state: prompt, sampler, detokenizer, stop matcher, logits hook, budgets,
+    cancel and finish reason. A ``Batch`` advances it one token at a time; ``result`` is set when it ends.
 
-    ``cancel()`` may be called from any thread; the loop stops before the next token.
+    ``cancel()`` may be called from any thread: the sequence ends before its next token.
     """
 
     def __init__(self, engine: Engine, request: GenerationRequest, prompt_ids: list[int]) -> None:
+        self.request = request
+        self.prompt_ids = prompt_ids
+        self.token_ids: list[int] = []  # the answer so far, end of turn excluded
+        self.result: GenerationResult | None = None
+        self.slot: int | None = None  # where its keys and values live while it runs
+        self.prefix_tokens = 0  # prompt tokens taken from the prefix cache
+        # The answer may use what the context has left after the prompt.
+        self.max_tokens = min(request.max_tokens, engine.context_tokens - len(prompt_ids))
+        self._end_ids = engine.end_ids
+        self._sampler = Sampler(request.sampling)
+        self._decoder = IncrementalDecoder(engine.tokenizer)
+        self._stops = StopMatcher(request.stop)
+        self._hook = request.logits_hook() if request.logits_hook is not None else None
+        self._history = list(prompt_ids)
+        self._text: list[str] = []
         self._cancel_reason: str | None = None
         self._cancelled = threading.Event()
-        self.result: GenerationResult | None = None
-        self.token_ids: list[int] = []  # grows as tokens are chosen
-        self.pause_s = 0.0  # duty cycling: a pause before each decode step, may change while running
-        self._steps = engine._run(self, request, prompt_ids)
-
-    def __next__(self) -> str:
-        return next(self._steps)
+        self._started = time.monotonic()
+        self._first_token_s: float | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         if not self._cancelled.is_set():
@@ -143,6 +159,245 @@ class Generation(Iterator[str]):
     @property
     def cancel_reason(self) -> str | None:
         return self._cancel_reason if self._cancelled.is_set() else None
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    def advance(self, logits: Logits) -> str:
+        """Chooses the next token from ``logits`` (or ends: cancelled, past the deadline, end of turn, a stop
+        string, the hook complete, the budget spent). Returns the text now safe to emit, the tail included
+        once the sequence ends."""
+        finish = self._check()
+        if finish is None:
+            token = self._sampler(logits, self._history, self._hook.allowed() if self._hook is not None else None)
+            if self._first_token_s is None:
+                self._first_token_s = time.monotonic()
+            if token in self._end_ids:
+                return self._end("stop")
+            if self._hook is not None:
+                self._hook.accept(token)
+            self.token_ids.append(token)
+            self._history.append(token)
+            piece = self._stops.feed(self._decoder.push(token))
+            self._text.append(piece)
+            if self._stops.stopped or (self._hook is not None and self._hook.complete):
+                return piece + self._end("stop")
+            if len(self.token_ids) >= self.max_tokens:
+                return piece + self._end("length")
+            return piece
+        return self._end(finish)
+
+    def end(self, reason: str) -> str:
+        """Ends the sequence now (a batch dropped, the worker stopping); returns the held-back tail."""
+        return "" if self.finished else self._end(reason)
+
+    def _check(self) -> str | None:
+        if self.cancel_reason is not None:
+            return self.cancel_reason
+        deadline = self.request.deadline_s
+        if deadline is not None and time.monotonic() >= deadline:
+            return "deadline"
+        return None
+
+    def _end(self, finish: str) -> str:
+        tail = self._stops.flush()
+        self._text.append(tail)
+        end = time.monotonic()
+        first = self._first_token_s or end
+        arrived = self.request.arrived_s
+        generated = len(self.token_ids)
+        decode_s = end - first
+        self.result = GenerationResult(
+            text="".join(self._text),
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=generated),
+            timings=Timings(
+                queue_ms=round((self._started - arrived) * 1000, 1) if arrived is not None else 0.0,
+                ttft_ms=round((first - self._started) * 1000, 1),
+                total_ms=round((end - self._started) * 1000, 1),
+                tokens_per_s=round((generated - 1) / decode_s, 1) if generated > 1 and decode_s > 0 else 0.0,
+            ),
+            token_ids=tuple(self.token_ids),
+        )
+        return tail
+
+
+class PrefixCache:
+    """The keys and values of recent prompt prefixes (a system prompt, a profile's preamble), least recently
+    used dropped first, at most ``budget_bytes`` in all. A prompt whose shared prefix is kept is prefilled
+    from the end of it."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[int, ...], npt.NDArray[np.floating]] = OrderedDict()
+
+    @property
+    def bytes(self) -> int:
+        return sum(kv.nbytes for kv in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, prefix: tuple[int, ...]) -> npt.NDArray[np.floating] | None:
+        """The keys and values kept for exactly ``prefix``, [tensors, heads, tokens, head_dim], or None."""
+        kv = self._entries.get(prefix)
+        if kv is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(prefix)
+        return kv
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def keep(self, tokens: tuple[int, ...], kv: npt.NDArray[np.floating]) -> None:
+        if kv.nbytes > self.budget_bytes or tokens in self._entries:
+            return
+        while self._entries and self.bytes + kv.nbytes > self.budget_bytes:
+            self._entries.popitem(last=False)
+        self._entries[tokens] = kv
+
+
+class Batch:
+    """Up to ``slots`` sequences decoded together: one KV slot each, one engine step for all of them.
+
+    ``add`` prefills a sequence into a free slot (alone: a prefill cannot share a run with decoding rows)
+    and chooses its first token; ``step`` chooses the next token of every running sequence in one run of
+    the graph. A sequence that ends frees its slot at once. An optimum export holds one slot.
+    """
+
+    def __init__(self, engine: Engine, slots: int, capacity: int | None = None) -> None:
+        if slots > 1 and not engine.session.batches:
+            raise ValueError(f"{engine.name} is an optimum export: it decodes one sequence at a time")
+        self.engine = engine
+        self._cache = engine.session.new_cache(capacity or engine.context_tokens, slots)
+        self._running: list[Sequence | None] = [None] * slots
+
+    @property
+    def slots(self) -> int:
+        return len(self._running)
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self._running if s is not None]
+
+    @property
+    def free(self) -> int:
+        return self._running.count(None)
+
+    def add(self, seq: Sequence) -> str:
+        """Prefills ``seq`` into the lowest free slot and chooses its first token; returns its first text."""
+        if seq.cancel_reason is not None or (
+            seq.request.deadline_s is not None and time.monotonic() >= seq.request.deadline_s
+        ):
+            return seq.advance(np.zeros(0, np.float32))  # ends before any compute
+        slot = self._running.index(None)
+        seq.slot = slot
+        self._running[slot] = seq
+        try:
+            logits = self._prefill(seq, slot)
+            return self._after(seq, seq.advance(logits))
+        except BaseException:
+            self._running[slot] = None
+            raise
+
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One token for every running sequence (each may end); returns each one's new text."""
+        width = max((i + 1 for i, s in enumerate(self._running) if s is not None), default=0)
+        if width == 0:
+            return []
+        session = self.engine.session
+        if isinstance(self._cache, KVBuffer):
+            tokens = [s.last_token if s is not None else None for s in self._running[:width]]
+            logits = session.step_batch(tokens, self._cache)
+        else:  # one sequence
+            seq = self._running[0]
+            assert seq is not None
+            logits = session.step(seq.last_token, self._cache)[None, :]
+        out = []
+        for i, seq in enumerate(self._running[:width]):
+            if seq is not None:
+                out.append((seq, self._after(seq, seq.advance(logits[i]))))
+        return out
+
+    def end_all(self, reason: str) -> list[tuple[Sequence, str]]:
+        """Ends every running sequence with ``reason`` and frees its slot."""
+        out = [(s, self._after(s, s.end(reason))) for s in self.running]
+        return out
+
+    def _after(self, seq: Sequence, text: str) -> str:
+        if seq.finished and seq.slot is not None:
+            self._running[seq.slot] = None
+        return text
+
+    def _prefill(self, seq: Sequence, slot: int) -> Logits:
+        engine, cache, ids = self.engine, self._cache, seq.prompt_ids
+        chunk = engine.prefill_chunk_tokens
+        if not isinstance(cache, KVBuffer):
+            return engine.session.prefill(ids, cache, chunk, slot=slot)
+        cache.advance(0, slot)
+        # The part other questions share (system prompt, earlier turns) is always prefilled on its own, cache
+        # or not: the rest then runs in the same chunks either way, so greedy answers match token for token.
+        shared = engine.shared_prefix(seq.request, ids)
+        if shared < MIN_PREFIX_TOKENS:
+            return engine.session.prefill(ids, cache, chunk, slot=slot)
+        prefix = tuple(ids[:shared])
+        prefixes = engine.prefix_cache
+        kept = prefixes.take(prefix) if prefixes is not None else None
+        if kept is not None:
+            cache.copy_in(slot, kept)
+            seq.prefix_tokens = shared
+        else:
+            engine.session.prefill(ids[:shared], cache, chunk, slot=slot, shrink=False)
+            if prefixes is not None:
+                prefixes.keep(prefix, cache.copy_out(slot, shared))
+        return engine.session.prefill(ids[shared:], cache, chunk, slot=slot)
+
+
+class Generation(Iterator[str]):
+    """One generation on its own (``ask --local``, bench, eval). Iterate for text deltas; ``result`` is set
+    once iteration ends. ``cancel()`` may be called from any thread; the loop stops before the next token."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, prompt_ids: list[int]) -> None:
+        self.pause_s = 0.0  # duty cycling: a pause before each decode step, may change while running
+        self._seq = Sequence(engine, request, prompt_ids)
+        self._engine = engine
+        self._steps = self._run()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._seq.token_ids
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._seq.result
+
+    def __next__(self) -> str:
+        return next(self._steps)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self._seq.cancel(reason)
+
+    def _run(self) -> Iterator[str]:
+        seq = self._seq
+        batch = Batch(self._engine, 1, len(seq.prompt_ids) + seq.max_tokens)
+        text = batch.add(seq)
+        while True:
+            if text:
+                yield text
+            if seq.finished:
+                return
+            if self.pause_s > 0:
+                time.sleep(self.pause_s)
+            ((_, text),) = batch.step()
 
 
 class Engine:
@@ -155,6 +410,7 @@ class Engine:
         threads: int | None = None,
         context_tokens: int | None = None,
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+        prefix_cache_mb: float = 0,
     ) -> None:
         model_file = model_dir / "model.onnx"
         if not model_file.is_file():
@@ -169,6 +425,10 @@ class Engine:
         self.context_tokens = min(model_ctx, context_tokens or DEFAULT_CONTEXT_TOKENS)
         self.end_ids = self._end_of_turn_ids(model_dir, config)
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        # Only edged's own graph reads keys and values from a buffer of ours that a prefix can be copied into.
+        self.prefix_cache = (
+            PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and self.session.batches else None
+        )
 
     def set_threads(self, threads: int) -> None:
         """Reloads the session with another thread count (onnxruntime fixes it per session); between requests."""
@@ -214,6 +474,23 @@ class Engine:
             )
         return ids
 
+    def shared_prefix(self, request: GenerationRequest, prompt_ids: list[int]) -> int:
+        """How many leading tokens of ``prompt_ids`` other questions in the same conversation would share:
+        everything before the last message's own text (system prompt, earlier turns, the turn opener),
+        found as the common prefix with the same prompt rendered with that text left out."""
+        last = request.messages[-1]
+        probe = self.tokenizer.encode(self.tokenizer.render((*request.messages[:-1], Message(last.role, ""))))
+        n = 0
+        for a, b in zip(prompt_ids, probe, strict=False):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(prompt_ids) - 1)
+
+    def sequence(self, request: GenerationRequest, prompt_ids: list[int]) -> Sequence:
+        """A sequence for a ``Batch`` of this engine, from ``prompt_ids(request)``."""
+        return Sequence(self, request, prompt_ids)
+
     def generate(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> Generation:
         """Starts a generation; validation errors are raised here, before any compute.
 
@@ -228,74 +505,6 @@ class Engine:
             pass
         assert generation.result is not None
         return generation.result
-
-    def _run(self, gen: Generation, request: GenerationRequest, prompt_ids: list[int]) -> Iterator[str]:
-        start = time.monotonic()
-        queue_ms = (start - request.arrived_s) * 1000 if request.arrived_s is not None else 0.0
-        # The answer may use what the context has left after the prompt.
-        max_tokens = min(request.max_tokens, self.context_tokens - len(prompt_ids))
-        sampler = Sampler(request.sampling)
-        decoder = IncrementalDecoder(self.tokenizer)
-        stops = StopMatcher(request.stop)
-        hook = request.logits_hook() if request.logits_hook is not None else None
-        history = list(prompt_ids)
-        answer = gen.token_ids
-        first_token_s: float | None = None
-        text_parts: list[str] = []
-        finish = "length"
-
-        cache = self.session.new_cache(len(prompt_ids) + max_tokens)
-        logits = self.session.prefill(prompt_ids, cache, self.prefill_chunk_tokens)
-        while True:
-            if gen.cancel_reason is not None:
-                finish = gen.cancel_reason
-                break
-            if request.deadline_s is not None and time.monotonic() >= request.deadline_s:
-                finish = "deadline"
-                break
-            token = sampler(logits, history, hook.allowed() if hook is not None else None)
-            if first_token_s is None:
-                first_token_s = time.monotonic()
-            if token in self.end_ids:
-                finish = "stop"
-                break
-            if hook is not None:
-                hook.accept(token)
-            answer.append(token)
-            history.append(token)
-            piece = stops.feed(decoder.push(token))
-            if piece:
-                text_parts.append(piece)
-                yield piece
-            if stops.stopped or (hook is not None and hook.complete):
-                finish = "stop"
-                break
-            if len(answer) >= max_tokens:
-                break
-            if gen.pause_s > 0:
-                time.sleep(gen.pause_s)
-            logits = self.session.step(token, cache)
-
-        tail = stops.flush()
-        if tail:
-            text_parts.append(tail)
-            yield tail
-        end = time.monotonic()
-        ttft_s = (first_token_s or end) - start
-        decode_s = end - (first_token_s or end)
-        generated = len(answer)
-        gen.result = GenerationResult(
-            text="".join(text_parts),
-            finish_reason=finish,
-            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=generated),
-            timings=Timings(
-                queue_ms=round(queue_ms, 1),
-                ttft_ms=round(ttft_s * 1000, 1),
-                total_ms=round((end - start) * 1000, 1),
-                tokens_per_s=round((generated - 1) / decode_s, 1) if generated > 1 and decode_s > 0 else 0.0,
-            ),
-            token_ids=tuple(answer),
-        )
 
 
 def _check_text(text: str, what: str) -> None:

@@ -108,23 +108,35 @@ class KVCache:
 
 
 class KVBuffer:
-    """The keys and values of one sequence in place: what GroupQueryAttention reads and appends to.
+    """The keys and values of up to ``slots`` sequences in place: what GroupQueryAttention reads and appends to.
 
-    One allocation [tensors, heads, capacity, head_dim]; tensor t is bound as both its past and its present,
-    shape [1, heads, capacity, head_dim], at the same address. The kernel writes the new positions after the
-    old ones and, since the two pointers are equal, copies nothing: a step costs the new rows only.
-    Pages are touched only as far as the sequence reaches.
+    One allocation [tensors, slots, heads, capacity, head_dim]. A run over one sequence binds its slot,
+    [1, heads, capacity, head_dim], as both past and present at the same address; a batched decode step
+    binds slots 0..n-1 together, [n, heads, capacity, head_dim]. The kernel writes the new positions after
+    each sequence's old ones and, since the two pointers are equal, copies nothing: a step costs the new
+    rows only. Pages are touched only as far as each sequence reaches.
     """
 
-    def __init__(self, tensors: int, heads: int, head_dim: int, dtype: type[np.floating], capacity: int) -> None:
-        self.length = 0
+    def __init__(
+        self, tensors: int, heads: int, head_dim: int, dtype: type[np.floating], capacity: int, slots: int = 1
+    ) -> None:
         self.heads = heads
         self.head_dim = head_dim
-        self._buffer: npt.NDArray[np.floating] = np.empty((tensors, heads, capacity, head_dim), dtype=dtype)
+        self.lengths = [0] * slots  # tokens held per slot
+        self._buffer: npt.NDArray[np.floating] = np.empty((tensors, slots, heads, capacity, head_dim), dtype=dtype)
+
+    @property
+    def length(self) -> int:
+        """Tokens held by slot 0 (the sequence of a one-slot buffer)."""
+        return self.lengths[0]
+
+    @property
+    def slots(self) -> int:
+        return int(self._buffer.shape[1])
 
     @property
     def capacity(self) -> int:
-        return int(self._buffer.shape[2])
+        return int(self._buffer.shape[3])
 
     @property
     def dtype(self) -> np.dtype[np.floating]:
@@ -132,25 +144,40 @@ class KVBuffer:
 
     @property
     def tensors(self) -> npt.NDArray[np.floating]:
-        """The buffer itself, [tensors, heads, capacity, head_dim]; positions from ``length`` on are unused."""
+        """The buffer itself, [tensors, slots, heads, capacity, head_dim]; a slot's positions from its length
+        on are unused."""
         return self._buffer
 
-    def reserve(self, tokens: int) -> None:
-        """Makes room for ``tokens`` (a copy, when the sequence outgrows the buffer)."""
-        if tokens > self.capacity:
-            tensors, heads, _, head_dim = self._buffer.shape
-            grown = np.empty((tensors, heads, tokens, head_dim), self.dtype)
-            grown[:, :, : self.length] = self._buffer[:, :, : self.length]
-            self._buffer = grown
+    def reserve(self, tokens: int, slot: int = 0) -> None:
+        """Makes room for ``tokens`` in ``slot``: a copy of the whole buffer when a one-slot buffer is outgrown
+        (a batch's slots are sized once, from the context)."""
+        if tokens <= self.capacity:
+            return
+        if self.slots > 1:
+            raise ValueError(f"slot {slot} would need {tokens} positions; the batch holds {self.capacity}")
+        tensors, slots, heads, _, head_dim = self._buffer.shape
+        grown = np.empty((tensors, slots, heads, tokens, head_dim), self.dtype)
+        grown[:, :, :, : self.length] = self._buffer[:, :, :, : self.length]
+        self._buffer = grown
 
-    def address(self, tensor: int) -> int:
-        """Where ``tensor``'s past is read from and its present written to (valid until ``reserve``)."""
+    def address(self, tensor: int, slot: int = 0) -> int:
+        """Where ``tensor``'s past of ``slot`` is read from and its present written to (valid until ``reserve``)."""
         base: int = self._buffer.ctypes.data
-        tensor_bytes = int(self._buffer[0].nbytes)
-        return base + tensor * tensor_bytes
+        return base + int(self._buffer[0].nbytes) * tensor + int(self._buffer[0, 0].nbytes) * slot
 
-    def advance(self, length: int) -> None:
-        self.length = length
+    def copy_out(self, slot: int, tokens: int) -> npt.NDArray[np.floating]:
+        """The first ``tokens`` positions of ``slot``, [tensors, heads, tokens, head_dim] (a prefix to keep)."""
+        return self._buffer[:, slot, :, :tokens].copy()
+
+    def copy_in(self, slot: int, kv: npt.NDArray[np.floating]) -> None:
+        """Puts a kept prefix at the start of ``slot``, which then holds just that prefix."""
+        tokens = kv.shape[2]
+        self.reserve(tokens, slot)
+        self._buffer[:, slot, :, :tokens] = kv
+        self.lengths[slot] = tokens
+
+    def advance(self, length: int, slot: int = 0) -> None:
+        self.lengths[slot] = length
 
 
 Cache = KVCache | KVBuffer
@@ -178,6 +205,7 @@ class DecoderSession:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelUnavailable(f"onnxruntime cannot load {model_path}: {exc}") from exc
         self.threads = options.intra_op_num_threads
+        self._model_path = model_path
         _release_freed_heap()
 
         inputs = {i.name: i for i in self._session.get_inputs()}
@@ -212,26 +240,36 @@ class DecoderSession:
         self._kv_layout = layouts.pop()
         self._kv_lag = _kv_lag(list(self._past_to_present))
         self._output_names = ["logits", *self._past_to_present.values()]
-        self._shared: tuple[tuple[int, int], ort.IOBinding] | None = None
+        self._bindings: dict[tuple[int, int, int, int], ort.IOBinding] = {}
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-    def new_cache(self, capacity: int = 0) -> Cache:
-        """An empty cache with room for ``capacity`` tokens (it grows by copying beyond that)."""
+    @property
+    def batches(self) -> bool:
+        """Whether several sequences can be decoded in one run (edged's graph; optimum's holds one)."""
+        return self._shared_kv
+
+    def new_cache(self, capacity: int = 0, slots: int = 1) -> Cache:
+        """An empty cache with room for ``capacity`` tokens in each of ``slots`` sequences (one slot grows by
+        copying beyond that)."""
         if self._shared_kv:
-            return KVBuffer(len(self._past_to_present), *self._kv_layout, capacity)
+            return KVBuffer(len(self._past_to_present), *self._kv_layout, capacity, slots)
+        if slots != 1:
+            raise ValueError(f"{self._model_path.name} is an optimum export: it holds one sequence, not {slots}")
         return KVCache(len(self._past_to_present), self._kv_lag, *self._kv_layout, capacity)
 
-    def forward(self, token_ids: list[int], cache: Cache) -> npt.NDArray[np.float32]:
+    def forward(self, token_ids: list[int], cache: Cache, slot: int = 0) -> npt.NDArray[np.float32]:
         """Runs ``token_ids`` after the cached sequence and extends the cache.
 
         Returns the logits of every new position, shape [len(token_ids), vocab]: for scoring a whole
         sequence; generation wants ``prefill`` and ``step``, which keep only the last position.
         """
-        return np.asarray(self._run(token_ids, cache, None, every_row=True)[0], dtype=np.float32)
+        return np.asarray(self._run(token_ids, cache, slot, None, every_row=True)[0], dtype=np.float32)
 
-    def prefill(self, token_ids: list[int], cache: Cache, chunk_tokens: int, *, shrink: bool = True) -> Logits:
-        """Runs a prompt ``chunk_tokens`` at a time; returns the last position's logits, shape [vocab].
+    def prefill(
+        self, token_ids: list[int], cache: Cache, chunk_tokens: int, *, slot: int = 0, shrink: bool = True
+    ) -> Logits:
+        """Runs a prompt ``chunk_tokens`` at a time into ``slot``; returns the last position's logits, [vocab].
 
         Attention and logits then need memory for one chunk, not the whole prompt; ``shrink`` hands the
         arena's grown part back to the system after the last chunk.
@@ -243,7 +281,7 @@ class DecoderSession:
         starts = range(0, len(token_ids), chunk_tokens)
         for start in starts:
             options = self._shrink if shrink and start == starts[-1] else None
-            logits = self._run(token_ids[start : start + chunk_tokens], cache, options)
+            logits = self._run(token_ids[start : start + chunk_tokens], cache, slot, options)
         if shrink:
             _release_freed_heap()
         # A copy of one row, so the chunk's [1, n, vocab] output is freed now, not with the row.
@@ -251,18 +289,50 @@ class DecoderSession:
 
     def step(self, token_id: int, cache: Cache) -> Logits:
         """One decode step: the logits after ``token_id``, shape [vocab]."""
-        return np.asarray(self._run([token_id], cache, None)[0, -1], dtype=np.float32)
+        return np.asarray(self._run([token_id], cache, 0, None)[0, -1], dtype=np.float32)
+
+    def step_batch(self, tokens: list[int | None], cache: KVBuffer) -> npt.NDArray[np.float32]:
+        """One decode step of slots 0..len(tokens)-1 together: the logits after each slot's token, shape
+        [len(tokens), vocab]. A free slot (None) takes a placeholder token whose row is to be ignored."""
+        if not self._shared_kv:
+            raise TypeError("only edged's own graph decodes a batch; this is an optimum export")
+        rows = len(tokens)
+        if not 0 < rows <= cache.slots:
+            raise ValueError(f"a step of {rows} slots in a buffer of {cache.slots}")
+        totals = [cache.lengths[i] + 1 if t is not None else 1 for i, t in enumerate(tokens)]
+        if max(totals) > cache.capacity:
+            raise ValueError(f"a slot would need {max(totals)} positions; the batch holds {cache.capacity}")
+        binding = self._shared_binding(cache, 0, rows)
+        binding.bind_cpu_input("input_ids", np.asarray([[t or 0] for t in tokens], dtype=np.int64))
+        # Right padding: each row's new token lands at its own length; GroupQueryAttention reads the lengths.
+        binding.bind_cpu_input(_SEQLENS_K, np.asarray(totals, dtype=np.int32) - 1)
+        binding.bind_cpu_input(_TOTAL_SEQUENCE_LENGTH, np.array(max(totals), dtype=np.int32))
+        binding.bind_cpu_input(_LOGIT_ROWS, np.arange(rows, dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        self._session.run_with_iobinding(binding)
+        for i, t in enumerate(tokens):
+            if t is not None:
+                cache.advance(totals[i], i)
+        return np.array(binding.get_outputs()[0].numpy()[0], dtype=np.float32)  # [rows, vocab], a copy
 
     def _run(
-        self, token_ids: list[int], cache: Cache, run_options: ort.RunOptions | None, *, every_row: bool = False
+        self,
+        token_ids: list[int],
+        cache: Cache,
+        slot: int,
+        run_options: ort.RunOptions | None,
+        *,
+        every_row: bool = False,
     ) -> npt.NDArray[np.float32]:
         """Logits [1, n, vocab]: of every new position, or (where the graph allows) of the last one only."""
         if isinstance(cache, KVBuffer):
             if not self._shared_kv:
                 raise TypeError("a KVBuffer belongs to a graph with a shared KV buffer; use this session's new_cache")
-            return self._run_shared(token_ids, cache, run_options, every_row)
+            return self._run_shared(token_ids, cache, slot, run_options, every_row)
         if self._shared_kv:
             raise TypeError("this graph reads a KVBuffer; use this session's new_cache")
+        if slot != 0:
+            raise ValueError("an optimum export's cache holds one sequence")
         total = cache.length + len(token_ids)
         cache.reserve(total)
         binding = self._session.io_binding()
@@ -283,11 +353,11 @@ class DecoderSession:
         return logits  # [1, len(token_ids), vocab]
 
     def _run_shared(
-        self, token_ids: list[int], cache: KVBuffer, run_options: ort.RunOptions | None, every_row: bool
+        self, token_ids: list[int], cache: KVBuffer, slot: int, run_options: ort.RunOptions | None, every_row: bool
     ) -> npt.NDArray[np.float32]:
-        total = cache.length + len(token_ids)
-        cache.reserve(total)
-        binding = self._shared_binding(cache)
+        total = cache.lengths[slot] + len(token_ids)
+        cache.reserve(total, slot)
+        binding = self._shared_binding(cache, slot, 1)
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         # One sequence, right-aligned at 0: GroupQueryAttention derives the positions from these lengths.
         binding.bind_cpu_input(_SEQLENS_K, np.array([total - 1], dtype=np.int32))
@@ -296,22 +366,26 @@ class DecoderSession:
         binding.bind_cpu_input(_LOGIT_ROWS, np.arange(first, len(token_ids), dtype=np.int64))
         binding.bind_output("logits", "cpu")  # a new output each run (rebinding a name replaces it in place)
         self._session.run_with_iobinding(binding, run_options)
-        cache.advance(total)
+        cache.advance(total, slot)
         logits: npt.NDArray[np.float32] = binding.get_outputs()[0].numpy()
         return logits  # [1, rows, vocab]
 
-    def _shared_binding(self, cache: KVBuffer) -> ort.IOBinding:
-        """A binding of every past and present to ``cache``'s buffer, kept while the buffer stays where it is:
-        the same addresses and shapes serve every step, so a step rebinds only its four small inputs
-        (binding the 60 KV tensors of SmolLM2-135M anew took ~0.3 ms, ~3 % of a step)."""
-        key = (cache.address(0), cache.capacity)
-        if self._shared is None or self._shared[0] != key:
+    def _shared_binding(self, cache: KVBuffer, slot: int, rows: int) -> ort.IOBinding:
+        """A binding of every past and present to ``rows`` slots of ``cache`` from ``slot`` on, kept while the
+        buffer stays where it is: the same addresses and shapes serve every step, so a step rebinds only its
+        four small inputs (binding the 60 KV tensors of SmolLM2-135M anew took ~0.3 ms, ~3 % of a step).
+        One binding is kept per (slot, rows) in use: a batch's prefills and its steps of each width."""
+        key = (cache.address(0), cache.capacity, slot, rows)
+        binding = self._bindings.get(key)
+        if binding is None:
+            if any(k[:2] != key[:2] for k in self._bindings):
+                self._bindings.clear()  # another buffer now: the old one's bindings would keep it alive
             binding = self._session.io_binding()
             binding.bind_output("logits", "cpu")  # first: outputs come back in the order they were bound
-            shape = [1, cache.heads, cache.capacity, cache.head_dim]
+            shape = [rows, cache.heads, cache.capacity, cache.head_dim]
             for tensor, (past, present) in enumerate(self._past_to_present.items()):
-                address = cache.address(tensor)
+                address = cache.address(tensor, slot)
                 binding.bind_input(past, "cpu", 0, cache.dtype, shape, address)
                 binding.bind_output(present, "cpu", 0, cache.dtype, shape, address)
-            self._shared = (key, binding)
-        return self._shared[1]
+            self._bindings[key] = binding
+        return binding

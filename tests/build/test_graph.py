@@ -16,8 +16,7 @@ from edged.build.quantize import BLOCK, F32, BlockSource, BlockWeights, quantize
 from edged.evaluate import agreement
 from edged.llm import Engine, GenerationRequest, Message
 from edged.llm.session import DecoderSession, KVBuffer, KVCache
-from edged.store import Recipe, default_cache_dir, default_models_dir
-from tests.mqttlab import SMOLLM2
+from edged.store import Recipe
 
 TEXT = "Tomatoes wilt in hot weather; water them early in the morning. Grüße aus München!"
 
@@ -122,46 +121,87 @@ def test_a_kv_buffer_is_chosen_from_the_graphs_inputs(tiny_models: dict[str, Pat
     assert isinstance(DecoderSession(tiny_models["int4"] / "model.onnx").new_cache(8), KVCache)
     gqa = DecoderSession(tiny_gqa["int4"] / "model.onnx")
     buffer = gqa.new_cache(8)
-    assert isinstance(buffer, KVBuffer) and buffer.tensors.shape == (4, 2, 8, 16)
+    assert isinstance(buffer, KVBuffer) and buffer.tensors.shape == (4, 1, 2, 8, 16)
 
 
 # -- the real SmolLM2 --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def smollm2_gqa() -> Path:
-    models_dir = default_models_dir()
-    recipe = Recipe.load(models_dir / f"{SMOLLM2}.toml")
-    return build_model(recipe, "int4", models_dir, default_cache_dir(), print, graph="gqa")
+def smollm2_float(smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default build with every MatMulNBits at accuracy level 0: its weights, float activations."""
+    build = smollm2_dirs["int4"]
+    model = onnx.load(str(build / "model.onnx"))
+    int8 = 0
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                int8 += attr.i == 4
+                attr.i = 0
+    assert int8 > 0, "the default build has int8 activations somewhere (the recipe's int8_activations)"
+    out = tmp_path_factory.mktemp("float") / build.name
+    out.mkdir()
+    for f in build.iterdir():
+        if f.name != "model.onnx":
+            (out / f.name).symlink_to(f)
+    onnx.save(model, str(out / "model.onnx"))
+    return out
 
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Why do cats purr?"]
 
 
 @pytest.mark.model
-def test_smollm2_gqa_matches_the_optimum_build(smollm2_dirs: dict[str, Path], smollm2_gqa: Path) -> None:
-    """Both graphs carry the GGUF's blocks exactly: logits agree to float rounding, greedy answers token for token."""
-    manifest = json.loads((smollm2_gqa / "manifest.json").read_text())
+def test_smollm2_default_build_carries_the_gguf_blocks_exactly(
+    smollm2_dirs: dict[str, Path], smollm2_float: Path
+) -> None:
+    """The gqa graph holds the GGUF's blocks exactly: with float activations its logits are the fp32 build's
+    to float rounding and its greedy answers are token for token the same."""
+    manifest = json.loads((smollm2_dirs["int4"] / "manifest.json").read_text())
+    assert manifest["graph"] == "gqa"
     assert manifest["quantization"]["requantized"] == 0 and manifest["quantization"]["exact_blocks"] > 200
-    optimum = Engine(smollm2_dirs["int4"], threads=2)
-    gqa = Engine(smollm2_gqa, threads=2)
+    fp32 = Engine(smollm2_dirs["fp32"], threads=2)
+    exact = Engine(smollm2_float, threads=2)
     for prompt in PROMPTS:
         request = GenerationRequest(messages=(Message("user", prompt),), max_tokens=48)
-        ids = optimum.prompt_ids(request)
-        _close(
-            gqa.session.forward(ids, gqa.session.new_cache()),
-            optimum.session.forward(ids, optimum.session.new_cache()),
-            1e-4,
-        )
-        assert gqa.complete(request).token_ids == optimum.complete(request).token_ids, prompt
-    france = gqa.complete(GenerationRequest(messages=(Message("user", PROMPTS[0]),), max_tokens=32))
-    assert "Paris" in france.text and france.finish_reason == "stop"
+        ids = fp32.prompt_ids(request)
+        ours = exact.session.forward(ids, exact.session.new_cache())
+        _close(ours, fp32.session.forward(ids, fp32.session.new_cache()), 1e-4)
+        assert exact.complete(request).token_ids == fp32.complete(request).token_ids, prompt
 
 
 @pytest.mark.model
-def test_smollm2_gqa_is_faithful_to_fp32(smollm2_dirs: dict[str, Path], smollm2_gqa: Path) -> None:
-    """`edged model eval`'s measure with float activations: at least 0.99 top-1 agreement with fp32."""
-    result = agreement(Engine(smollm2_dirs["fp32"], threads=2), Engine(smollm2_gqa, threads=2))
-    assert result.positions >= 200
-    assert result.top1 >= 0.99, result
-    assert result.kl < 1e-3, result
+def test_smollm2_default_build_is_faithful_to_fp32(smollm2_dirs: dict[str, Path], smollm2_float: Path) -> None:
+    """`edged model eval`'s measure: at least 0.99 top-1 agreement with fp32 with float activations, and at
+    least 0.95 with the recipe's int8 activations (the answer set in test_smollm2 says they lose nothing)."""
+    fp32 = Engine(smollm2_dirs["fp32"], threads=2)
+    exact = agreement(fp32, Engine(smollm2_float, threads=2))
+    assert exact.positions >= 200
+    assert exact.top1 >= 0.99 and exact.kl < 1e-3, exact
+    default = agreement(fp32, Engine(smollm2_dirs["int4"], threads=2))
+    print(f"agreement with fp32: float activations {exact.top1:.3f}, the default build {default.top1:.3f}")
+    assert default.top1 >= 0.95, default
+    france = Engine(smollm2_dirs["int4"], threads=2).complete(
+        GenerationRequest(messages=(Message("user", PROMPTS[0]),), max_tokens=32)
+    )
+    assert "Paris" in france.text and france.finish_reason == "stop"
+
+
+def test_int8_activations_apply_to_the_named_projections_only(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A recipe's int8_activations set accuracy level 4 on those projections' MatMulNBits, the rest keep the
+    recipe's level; a name that is no projection is refused."""
+    models_dir = tiny_models["fp32"].parent
+    recipe_path = tmp_path / "mixed.toml"
+    base = (models_dir / "tiny.toml").read_text().replace('hf_dir = "../hf"', f'hf_dir = "{models_dir.parent / "hf"}"')
+    recipe_path.write_text(f'int8_activations = ["gate_up_proj", "lm_head"]\n{base}')
+    built = build_model(Recipe.load(recipe_path), "int4", tmp_path / "models", tmp_path / "cache", print, graph="gqa")
+    levels: dict[str, set[int]] = {}
+    for node in onnx.load(str(built / "model.onnx")).graph.node:
+        if node.op_type == "MatMulNBits":
+            kind = node.output[0].split("/")[-2] if "/layers." in node.output[0] else "lm_head"
+            level = next(a.i for a in node.attribute if a.name == "accuracy_level")
+            levels.setdefault(kind, set()).add(level)
+    assert levels == {"qkv": {0}, "o": {0}, "gate_up": {4}, "down": {0}, "lm_head": {4}}, levels
+    recipe_path.write_text(f'int8_activations = ["attention"]\n{base}')
+    with pytest.raises(ValueError, match="int8_activations must list some of"):
+        Recipe.load(recipe_path)

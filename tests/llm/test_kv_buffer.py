@@ -26,8 +26,8 @@ class _Watched(DecoderSession):
 
     buffers: list[KVBuffer]
 
-    def new_cache(self, capacity: int = 0) -> Cache:
-        cache = super().new_cache(capacity)
+    def new_cache(self, capacity: int = 0, slots: int = 1) -> Cache:
+        cache = super().new_cache(capacity, slots)
         assert isinstance(cache, KVBuffer)
         cache.tensors[...] = np.nan
         self.buffers.append(cache)
@@ -35,7 +35,7 @@ class _Watched(DecoderSession):
 
     def step(self, token_id: int, cache: Cache) -> Logits:
         assert isinstance(cache, KVBuffer)
-        written = np.isfinite(cache.tensors).all(axis=(0, 1, 3))
+        written = np.isfinite(cache.tensors).all(axis=(0, 1, 2, 4))
         assert written[: cache.length].all() and not written[cache.length :].any(), "written past the sequence"
         return super().step(token_id, cache)
 
@@ -59,7 +59,7 @@ def test_a_sequence_reaching_the_buffers_end_finishes_with_length(tiny_gqa: Path
     (buffer,) = session.buffers
     assert buffer.capacity == context, "one allocation for the whole request, never grown"
     assert buffer.length == context - 1, "the last chosen token is not fed back"
-    written = np.isfinite(buffer.tensors).all(axis=(0, 1, 3))
+    written = np.isfinite(buffer.tensors).all(axis=(0, 1, 2, 4))
     assert written[: context - 1].all() and not written[context - 1 :].any()
 
 

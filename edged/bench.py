@@ -7,6 +7,7 @@ of different speed and load compare by ratio, not by absolute number.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -101,6 +102,23 @@ class _Requester:
             raise TimeoutError(f"no reply on {self._reply_topic} within {timeout_s} s")
         return (time.perf_counter() - start) * 1000, box[0]
 
+    def all_at_once(self, topic: str, payloads: list[bytes], timeout_s: float = 300) -> list[bytes]:
+        """Publishes every payload at once; returns their final replies."""
+        results: list[list[bytes]] = [[] for _ in payloads]
+        threads = [
+            threading.Thread(target=lambda i=i: results[i].append(self.round_trip(topic, payloads[i], timeout_s)[1]))
+            for i in range(len(payloads))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s)
+        if not all(results):
+            raise TimeoutError(f"{sum(not r for r in results)} of {len(payloads)} concurrent requests got no reply")
+        for r in results:
+            _engine_ms(r[0])  # an error reply fails the bench
+        return [r[0] for r in results]
+
     def _message(self, _c: Any, _u: object, msg: Any) -> None:
         waiter = self._waiting.get(getattr(msg.properties, "CorrelationData", b""))
         if waiter is not None and (b'"done":false' not in msg.payload):
@@ -137,8 +155,14 @@ def _echo(port: int) -> Any:
     return client
 
 
+DAEMON_SLOTS = 4  # the daemon's batch in the bench: the default on a 4-core board
+BUSY_TOKENS = 64  # each of DAEMON_SLOTS concurrent answers, for the daemon's peak RSS
+
+
 def mqtt_overhead(models_dir: Path, model: str, requests: int) -> dict[str, Any]:
-    """Client round trip minus engine time over loopback at QoS 1, beside a bare broker echo."""
+    """The daemon as deployed: seconds from start to READY=1 (sd_notify on a socket of ours), client round
+    trip minus engine time over loopback at QoS 1 beside a bare broker echo, and its peak RSS once
+    DAEMON_SLOTS answers have run at once."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -148,16 +172,22 @@ def mqtt_overhead(models_dir: Path, model: str, requests: int) -> dict[str, Any]
         config = Path(tmp) / "edged.toml"
         config.write_text(
             f'node_id = "bench"\nstate_dir = "{tmp}/node"\nmodels_dir = "{models_dir}"\nmodel = "{model}"\n'
-            f'rate_limit_per_min = 0.0\n[broker]\nurl = "{broker.url}"\n'
+            f"rate_limit_per_min = 0.0\nslots = {DAEMON_SLOTS}\nqueue_capacity = {2 * DAEMON_SLOTS}\n"
+            f'[broker]\nurl = "{broker.url}"\n'
         )
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(f"{tmp}/notify")
+        started = time.monotonic()
         daemon = subprocess.Popen(
             [sys.executable, "-m", "edged", "serve", "--config", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "NOTIFY_SOCKET": f"{tmp}/notify"},
         )
         echo = _echo(port)
         requester = _Requester(port, "bench/replies")
         try:
+            ready_s = _wait_ready(notify, daemon, started)
             _wait_online(requester, daemon)
             echo_ms = [requester.round_trip("bench/echo", b"ping")[0] for _ in range(requests)]
             round_trip_ms, overhead_ms, engine_ms = [], [], []
@@ -168,6 +198,9 @@ def mqtt_overhead(models_dir: Path, model: str, requests: int) -> dict[str, Any]
                 round_trip_ms.append(rtt)
                 overhead_ms.append(rtt - total)
                 engine_ms.append(total)
+            body = json.dumps({"prompt": WRITE_LONG, "max_tokens": BUSY_TOKENS}).encode()
+            busy = requester.all_at_once("edged/bench/ask", [body] * DAEMON_SLOTS)
+            peak_rss_mb = peers.peak_rss_mb(daemon.pid)
         finally:
             requester.close()
             echo.disconnect()
@@ -175,13 +208,35 @@ def mqtt_overhead(models_dir: Path, model: str, requests: int) -> dict[str, Any]
             daemon.terminate()
             daemon.wait(30)
             broker.stop()
+            notify.close()
     return {
         "requests": requests,
+        "ready_s": round(ready_s, 2),
         "broker_echo_ms": {"p50": _percentile(echo_ms, 0.5), "p99": _percentile(echo_ms, 0.99)},
         "edged_round_trip_ms": {"p50": _percentile(round_trip_ms, 0.5), "p99": _percentile(round_trip_ms, 0.99)},
         "edged_overhead_ms": {"p50": _percentile(overhead_ms, 0.5), "p99": _percentile(overhead_ms, 0.99)},
         "engine_ms": {"p50": _percentile(engine_ms, 0.5)},
+        "slots": DAEMON_SLOTS,
+        "busy_tokens": sum(json.loads(raw)["usage"]["completion_tokens"] for raw in busy),
+        "daemon_peak_rss_mb": round(peak_rss_mb, 1),
     }
+
+
+def _wait_ready(
+    notify: socket.socket, daemon: subprocess.Popen[bytes], started: float, timeout_s: float = 120
+) -> float:
+    """Seconds from ``started`` until the daemon sends READY=1."""
+    notify.settimeout(1.0)
+    while time.monotonic() - started < timeout_s:
+        try:
+            message = notify.recv(4096)
+        except TimeoutError:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"edged serve exited with status {daemon.returncode} before READY=1") from None
+            continue
+        if b"READY=1" in message.split(b"\n"):
+            return time.monotonic() - started
+    raise RuntimeError(f"edged serve sent no READY=1 within {timeout_s:.0f} s")
 
 
 def _engine_ms(raw: bytes) -> float:
@@ -701,6 +756,13 @@ def run(
     print(f"{'edged: round trip minus engine time':<44} {over['p50']:>8.2f} {over['p99']:>8.2f}")
     ratio = over["p50"] / echo["p50"]
     print(f"overhead vs bare echo: {ratio:.1f}x at p50 (engine itself: {mqtt['engine_ms']['p50']:.0f} ms)")
+    print(f"\nthe daemon: READY=1 {mqtt['ready_s']:.2f} s after start (model load and warm-up included)")
+    llama_rss = next((r["values"].get(peers.LLAMA_CPP) for r in compared["rows"] if r["key"] == "peak_rss_mb"), None)
+    versus = f", {mqtt['daemon_peak_rss_mb'] / llama_rss:.2f}x llama.cpp's process" if llama_rss else ""
+    print(
+        f"the daemon's peak RSS with {mqtt['slots']} slots, after {mqtt['slots']} answers at once: "
+        f"{mqtt['daemon_peak_rss_mb']:.0f} MB{versus}"
+    )
     print_peers(compared)
     if plot is not None:
         print(f"\nplot: {plot}")

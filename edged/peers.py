@@ -217,12 +217,12 @@ class OptimumRunner:
         return int(out.shape[0] * (out.shape[1] - len(prompt.ids)))
 
 
-def _peak_rss_mb() -> float:
-    """VmHWM: this process's peak resident set, what a board must have free for it."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """VmHWM: the process's peak resident set so far, what a board must have free for it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else 0.0
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +260,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     repeats = int(spec["ttft_repeats"])
     if spec.get("answer_only"):
         report["decode"] = [_decode(runner.stream(prompts["write"], n)) for n in spec["decode_tokens"]]
-        report["peak_rss_mb"] = _peak_rss_mb()
+        report["peak_rss_mb"] = peak_rss_mb()
         return report
     for key in ("short", "long"):
         report[f"ttft_{key}_ms"] = statistics.median(runner.stream(prompts[key], 1).ttft_ms for _ in range(repeats))
@@ -277,7 +277,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         made = runner.batch(prompts["short"], copies, int(spec["concurrent_tokens"]))
         wall_s = time.perf_counter() - start
         report["concurrency"].append({"requests": copies, "tokens": made, "wall_s": wall_s, "tok_s": made / wall_s})
-    report["peak_rss_mb"] = _peak_rss_mb()
+    report["peak_rss_mb"] = peak_rss_mb()
     return report
 
 

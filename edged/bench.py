@@ -456,6 +456,17 @@ def peer_rows(
         rows.append(
             Row(f"aggregate_{c}_tok_s", label, False, each(lambda r, i=i: r["concurrency"][i]["tok_s"]), serial)
         )
+    n = sizes.decode_tokens[0]
+    schema = {
+        p: _median([float(r["decode_schema"]["tok_s"]) for r in reps if "decode_schema" in r])
+        for p, reps in reports.items()
+    }
+    others = {
+        p: "not measured: the row is edged's own structured answers against its free decode"
+        for p in schema
+        if p != peers.EDGED
+    }
+    rows.append(Row("decode_schema_tok_s", f"decode tok/s, {n} tokens under a JSON schema", False, schema, others))
     rows.append(Row("peak_rss_mb", "peak RSS MB", True, each(lambda r: r["peak_rss_mb"]), {}))
     agree: dict[str, float | None] = {}
     first16: dict[str, float | None] = {}
@@ -578,6 +589,7 @@ def compare_peers(models_dir: Path, model: str, sizes: PeerSizes, threads: int, 
     return {
         "threads": threads,
         "rounds": sizes.rounds,
+        "decode_tokens": list(sizes.decode_tokens),
         "prompt_tokens": prompt_tokens,
         "reference": f"{model}-fp32" if reference is not None else None,
         "peers": status,
@@ -660,6 +672,10 @@ def print_peers(report: dict[str, Any]) -> None:
     if notes:
         print("not the feature the row names (measured as it is today, not faked):")
         print("\n".join(notes))
+    rows = {row["key"]: row["values"].get(peers.EDGED) for row in report["rows"]}
+    free = rows.get(f"decode_{report['decode_tokens'][0]}_tok_s")
+    if rows.get("decode_schema_tok_s") and free:
+        print(f"edged under a JSON schema: {rows['decode_schema_tok_s'] / free:.2f}x its free decode rate")
     for p in names:
         if report["peers"][p] != "ok":
             print(f"{p}: {report['peers'][p]}")

@@ -42,6 +42,14 @@ class Prompt:
     ids: list[int]
 
 
+# A schema whose document is mostly free text, so a constrained answer is as long as a free one.
+GUIDE_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "guide": {"type": "string"}},
+    "required": ["title", "guide"],
+}
+
+
 @dataclass(frozen=True)
 class Stream:
     """One generation: the answer's token ids and when each arrived (seconds after the call)."""
@@ -92,8 +100,15 @@ class EdgedRunner:
             raise RuntimeError("edged rendered the bench prompt to other token ids than the bench did")
         return request
 
-    def stream(self, prompt: Prompt, max_tokens: int, *, keep_prefix: bool = False) -> Stream:
+    def stream(self, prompt: Prompt, max_tokens: int, *, keep_prefix: bool = False, schema: Any = None) -> Stream:
+        """``schema``: the answer is constrained to that JSON schema (edged's structured answers)."""
         request = self._request(prompt, max_tokens)
+        if schema is not None:
+            from dataclasses import replace
+
+            from edged.structured import compile_format
+
+            request = replace(request, logits_hook=compile_format(schema, self.engine.tokenizer, max_tokens))
         if not keep_prefix and self.engine.prefix_cache is not None:
             self.engine.prefix_cache.clear()  # as llama.cpp is reset: only the cached-prompt row reuses one
         start = time.perf_counter()
@@ -270,6 +285,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         cached.append(runner.stream(prompts["system_ask"], 1, keep_prefix=True).ttft_ms)
     report["ttft_system_ms"], report["prefix_cache"] = statistics.median(cached), runner.prefix_cache
     report["decode"] = [_decode(runner.stream(prompts["write"], n)) for n in spec["decode_tokens"]]
+    if isinstance(runner, EdgedRunner):  # the same answer written into a JSON document, every token masked
+        n = int(spec["decode_tokens"][0])
+        report["decode_schema"] = _decode(runner.stream(prompts["write"], n, schema=GUIDE_SCHEMA))
     report["batches"] = runner.batches
     report["concurrency"] = []
     for copies in spec["concurrency"]:

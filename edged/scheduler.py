@@ -276,7 +276,7 @@ class Scheduler:
             if batch.engine is engine and not stopping and room > 0:
                 job = self._take(wait=not running)
                 if job is not None:
-                    self._join(batch, job, limits)
+                    self._join(batch, job, self._limits())  # now: the wait for a job may have been long
                     continue
                 if not running:
                     continue

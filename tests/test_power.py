@@ -40,6 +40,7 @@ def test_governor_walks_through_the_states(broker: Mosquitto, smollm2_dirs: dict
         "hotpi",
         smollm2_dirs["int4"].parent,
         model=SMOLLM2,
+        slots=1,  # one answer at a time, so the queue holds what the governor holds back
         topic_prefix="therm",
         sysfs_root=str(tmp_path / "board"),
         sensor_interval_s=0.2,

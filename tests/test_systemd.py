@@ -180,7 +180,7 @@ def test_ready_after_warm_up_and_watchdog_only_while_the_worker_moves(
 def test_sigterm_during_an_answer_then_the_next_start_finishes_the_journal(
     broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path: Path, notify_socket: socket.socket
 ) -> None:
-    node = Node(tmp_path, broker.url, "term", smollm2_dirs["int4"].parent, model=SMOLLM2, stop_grace_s=1.0)
+    node = Node(tmp_path, broker.url, "term", smollm2_dirs["int4"].parent, model=SMOLLM2, slots=1, stop_grace_s=1.0)
     node.start(broker.port, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
     lst = Listener(broker.port, "r/term")
     try:
@@ -209,7 +209,7 @@ def test_sigterm_during_an_answer_then_the_next_start_finishes_the_journal(
 def test_sighup_swaps_the_model_without_losing_queued_requests(
     broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path: Path, notify_socket: socket.socket
 ) -> None:
-    node = Node(tmp_path, broker.url, "hup", smollm2_dirs["int4"].parent, model=SMOLLM2, max_tokens=200)
+    node = Node(tmp_path, broker.url, "hup", smollm2_dirs["int4"].parent, model=SMOLLM2, slots=1, max_tokens=200)
     node.start(broker.port, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
     lst = Listener(broker.port, "r/hup", "edged/hup/status")
     try:

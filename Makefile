@@ -30,14 +30,17 @@ $(BIN)/.installed: pyproject.toml
 
 setup: system $(BIN)/.installed
 
-# The default model and the fp32 reference its quality is measured against (cached after the first build).
+# The default model, the fp32 reference its quality is measured against (cached after the first build), and
+# the example knowledge base the field-advisor profile reads.
 models: setup
 	$(BIN)/edged model build $(MODEL)
 	$(BIN)/edged model build $(MODEL) --quant fp32
+	$(BIN)/edged kb build examples/crops -o crops
 
 # Serves on MQTT; with no broker configured, a private Mosquitto on 127.0.0.1:1883.
 run: setup
 	$(BIN)/edged model build $(MODEL)
+	$(BIN)/edged kb build examples/crops -o crops
 	$(BIN)/edged serve --model $(MODEL)
 
 lint: setup

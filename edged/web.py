@@ -26,7 +26,8 @@ from edged.chat import Answer, Ask, ServedModel, parameter_size, to_request
 from edged.config import HttpConfig
 from edged.errors import EdgedError, InvalidRequest, TooLong
 from edged.inbox import Wiring, admit
-from edged.llm import Engine, Generation
+from edged.llm import Engine
+from edged.llm.engine import Sequence
 from edged.metrics import Counts
 from edged.profiles import Catalog
 from edged.protocol import Identity, Request
@@ -97,7 +98,7 @@ class _Sink:
     def chunk(self, request: Request, seq: int, delta: str) -> None:
         self._put(delta)
 
-    def result(self, request: Request, generation: Generation, energy_j: float | None, model: str) -> None:
+    def result(self, request: Request, generation: Sequence, energy_j: float | None, model: str) -> None:
         r = generation.result
         assert r is not None
         self._counters.add("answered")

@@ -39,7 +39,8 @@ class RateLimiter:
     """Token bucket per client: ``per_min`` requests a minute on average, bursts of ``burst``.
 
     At most ``max_clients`` buckets are kept: past that, full buckets (clients idle long enough to have
-    refilled, the same as unknown ones) are forgotten first, then the longest idle.
+    refilled, the same as unknown ones) are forgotten first, then the longest idle. Thread-safe: the inbox and
+    the HTTP front door admit through the same limiter.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class RateLimiter:
         self._clock = clock
         self._max_clients = max_clients
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, updated), oldest update first
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -58,13 +60,14 @@ class RateLimiter:
         """None when admitted, else seconds until a request from ``client`` would be."""
         if self._rate_s <= 0:
             return None
-        now = self._clock()
-        tokens, updated = self._buckets.pop(client, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - updated) * self._rate_s)
-        admitted = tokens >= 1
-        self._buckets[client] = (tokens - 1 if admitted else tokens, now)
-        if len(self._buckets) > self._max_clients:
-            self._forget(now)
+        with self._lock:
+            now = self._clock()
+            tokens, updated = self._buckets.pop(client, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - updated) * self._rate_s)
+            admitted = tokens >= 1
+            self._buckets[client] = (tokens - 1 if admitted else tokens, now)
+            if len(self._buckets) > self._max_clients:
+                self._forget(now)
         return None if admitted else round((1 - tokens) / self._rate_s, 1)
 
     def _forget(self, now: float) -> None:

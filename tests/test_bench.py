@@ -156,7 +156,10 @@ def test_bench_quick_prints_the_table_and_the_load_of_every_run(
     for peer, status in compared["peers"].items():
         if status != "ok":
             assert f"{peer}: {status}" in text
-    assert "* TTFT ms, cached" in text and "uncached" in text
+    for row in compared["rows"]:  # a figure that is not the feature it names is marked and explained
+        for note in row["notes"].values():
+            assert f"* {row['label']}: {note}" in text
+    assert "edged under a JSON schema:" in text
     assert text.count("load avg") == len(compared["runs"]) and "other processes during the counted runs: median" in text
 
 

@@ -87,6 +87,8 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
         print(f"answers    {ours.right}/{ours.total} right (fp32: {theirs.right}/{theirs.total}; expected keywords)")
         for question in ours.wrong:
             print(f"  missed   {question}{'' if question in theirs.wrong else '   (fp32 gets it)'}")
+        for question in sorted(set(theirs.wrong) - set(ours.wrong)):
+            print(f"  got      {question}   (fp32 misses it)")
     return 0
 
 
@@ -349,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     p = msub.add_parser("eval", help="agreement and KL of a build against the fp32 build")
     p.add_argument("name")
     p.add_argument("--threads", type=int)
-    p.add_argument("--answers", action="store_true", help="also score 30 factual questions, beside fp32's score")
+    p.add_argument("--answers", action="store_true", help="also score 60 factual questions, beside fp32's score")
     models_dir_arg(p)
     p.set_defaults(func=cmd_model_eval)
     p = msub.add_parser("pack", help="write a built model as one bundle file, for offline installs")

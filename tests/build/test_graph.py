@@ -116,6 +116,35 @@ def test_q4_1_remainders_are_exact_and_shared_per_input(tiny_models: dict[str, P
     _close(ours, reference, 1e-5)
 
 
+def test_8bit_weights_stay_whole_where_activations_are_int8(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """onnxruntime has a fast 8-bit kernel for int8 activations only: an 8-bit lm_head at level 4 is one
+    MatMulNBits, while 8-bit projections at level 0 run as two
+    exact 4-bit halves. Both hold the same weights: the logits differ by the head's int8 activations only."""
+    hf_dir = (tiny_models["fp32"].parent / "../hf").resolve()
+    graphs = {
+        name: build_decoder(hf_dir, "int8", 0, lambda *_: None, int8)[0]
+        for name, int8 in (("float", ()), ("int8_head", ("lm_head",)))
+    }
+    nodes = graphs["int8_head"].graph.node
+    head = [n for n in nodes if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")]
+    attrs = {a.name: a.i for a in head[0].attribute} if head else {}
+    assert len(head) == 1 and attrs["bits"] == 8 and attrs["accuracy_level"] == 4, head
+    for kind in ("/qkv/", "/o/", "/gate_up/", "/down/"):
+        parts = [n for n in nodes if n.op_type == "MatMulNBits" and kind in n.output[0] and "layers.0/" in n.output[0]]
+        assert [{a.name: a.i for a in n.attribute}["bits"] for n in parts] == [4, 4], kind
+    float_head = [n for n in graphs["float"].graph.node if n.op_type == "MatMulNBits" and "logits" in n.output[0]]
+    assert len(float_head) == 2
+
+    ids = Engine(tiny_models["fp32"]).tokenizer.encode(TEXT)
+    logits = {}
+    for name, model in graphs.items():
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        session = DecoderSession(tmp_path / f"{name}.onnx", threads=1)
+        logits[name] = session.forward(ids, session.new_cache())
+    _close(logits["int8_head"], logits["float"], 2e-2)
+    _close(logits["float"], _logits(tiny_models["int8"], ids), 1e-5)
+
+
 def test_a_kv_buffer_is_chosen_from_the_graphs_inputs(tiny_models: dict[str, Path], tiny_gqa: dict[str, Path]) -> None:
     """The session reads the graph's signature: optimum exports keep their cache, gqa graphs get a buffer."""
     assert isinstance(DecoderSession(tiny_models["int4"] / "model.onnx").new_cache(8), KVCache)
@@ -160,6 +189,10 @@ def test_smollm2_default_build_carries_the_gguf_blocks_exactly(
     manifest = json.loads((smollm2_dirs["int4"] / "manifest.json").read_text())
     assert manifest["graph"] == "gqa"
     assert manifest["quantization"]["requantized"] == 0 and manifest["quantization"]["exact_blocks"] > 200
+    nodes = onnx.load(str(smollm2_dirs["int4"] / "model.onnx")).graph.node
+    head = [n for n in nodes if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")]
+    assert [{a.name: a.i for a in n.attribute}["bits"] for n in head] == [8], "the Q8_0 head is one 8-bit node"
+    assert head[0].input[1] in {n.input[0] for n in nodes if n.op_type == "Gather"}, "the tied embedding shares it"
     fp32 = Engine(smollm2_dirs["fp32"], threads=2)
     exact = Engine(smollm2_float, threads=2)
     for prompt in PROMPTS:

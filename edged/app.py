@@ -285,6 +285,7 @@ def _new_engine(config: Config) -> Engine:
         threads=config.threads or None,
         context_tokens=config.context_tokens,
         prefix_cache_mb=config.prefix_cache_mb,
+        prepared_dir=config.resolved_state_dir() / "prepared",
     )
     engine.complete(GenerationRequest(messages=(Message("user", "Hi"),), max_tokens=1))
     return engine

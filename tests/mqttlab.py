@@ -22,6 +22,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+# Every test node's <state_dir>/prepared points here: one prepared copy of each model for the whole suite,
+# not one of a few hundred MB per node (edged.llm.session keeps one per build and deletes older ones).
+PREPARED = Path(os.environ.get("TMPDIR", "/tmp")) / f"edged-tests-prepared-{os.getuid()}"
 SMOLLM2 = "smollm2-135m-instruct"
 # What the contract suites share: one answer running and a queue of two (so "full" is reachable), a
 # 512-token context, a 4 KB payload cap, and a rate limit that a suite sending many requests does not hit.
@@ -165,6 +168,9 @@ class Node:
     def __init__(self, workdir: Path, broker_url: str, node_id: str, models_dir: Path, **settings: Any) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
+        PREPARED.mkdir(exist_ok=True)
+        if not (self.dir / "prepared").exists():
+            (self.dir / "prepared").symlink_to(PREPARED)
         self.node_id = node_id
         self.broker_url = broker_url
         lines = [f'node_id = "{node_id}"', f'state_dir = "{workdir}"', f'models_dir = "{models_dir}"']

@@ -411,7 +411,10 @@ class Engine:
         context_tokens: int | None = None,
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
         prefix_cache_mb: float = 0,
+        prepared_dir: Path | None = None,
     ) -> None:
+        """``prepared_dir``: where onnxruntime's optimized, prepacked copy of the model is kept between loads
+        (the daemon's ``<state_dir>/prepared``); None loads the model file as it is."""
         model_file = model_dir / "model.onnx"
         if not model_file.is_file():
             raise ModelUnavailable(f"no model in {model_dir}; run `edged model build {model_dir.name}` first")
@@ -419,7 +422,8 @@ class Engine:
         self.name = model_dir.name
         self.tokenizer = ChatTokenizer(model_dir)
         self._model_file = model_file
-        self.session = DecoderSession(model_file, threads)
+        self._prepared_dir = prepared_dir
+        self.session = DecoderSession(model_file, threads, prepared_dir)
         config = json.loads((model_dir / "config.json").read_text())
         model_ctx = int(config.get("max_position_embeddings", DEFAULT_CONTEXT_TOKENS))
         self.context_tokens = min(model_ctx, context_tokens or DEFAULT_CONTEXT_TOKENS)
@@ -434,7 +438,7 @@ class Engine:
         """Reloads the session with another thread count (onnxruntime fixes it per session); between requests."""
         if threads != self.session.threads:
             del self.session  # free the old session's memory before the new one allocates
-            self.session = DecoderSession(self._model_file, threads)
+            self.session = DecoderSession(self._model_file, threads, self._prepared_dir)
 
     def _end_of_turn_ids(self, model_dir: Path, config: dict[str, object]) -> frozenset[int]:
         ids: set[int] = set()

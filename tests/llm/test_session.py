@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from edged.llm.session import _kv_lag
+from edged.llm.session import DecoderSession, _kv_lag, prepared_copy
 
 PEAK_LIMIT_MB = 500
 # What a 2,048-token context may keep after the request: the arena's decode-sized regions, not the prompt's.
@@ -83,3 +85,79 @@ def test_a_prompt_that_fills_the_context_stays_under_500_mb(smollm2_dirs: dict[s
     assert probe["completion_tokens"] >= 1, probe
     assert probe["peak_mb"] < PEAK_LIMIT_MB, probe
     assert probe["after_mb"] < probe["baseline_mb"] + AFTER_SLACK_MB, probe
+
+
+# -- prepared copies --------------------------------------------------------------------------------
+
+
+def _logits(session: DecoderSession) -> np.ndarray:
+    cache = session.new_cache(32)
+    return session.forward(list(range(3, 19)), cache)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_a_prepared_copy_is_written_once_then_loaded_with_the_same_logits(
+    tiny_models: dict[str, Path], tmp_path: Path, quant: str
+) -> None:
+    """The first load writes onnxruntime's optimized graph and prepacked weights; later loads read that copy
+    and compute exactly what the model file computes."""
+    model = tiny_models[quant] / "model.onnx"
+    plain = DecoderSession(model)
+    first = DecoderSession(model, prepared_dir=tmp_path)
+    copy = prepared_copy(model, tmp_path)
+    assert first.loaded_from == model and (copy / "model.data").stat().st_size > 0
+    second = DecoderSession(model, prepared_dir=tmp_path)
+    assert second.loaded_from == copy / "model.onnx"
+    assert np.array_equal(_logits(plain), _logits(first)) and np.array_equal(_logits(plain), _logits(second))
+
+
+def test_a_broken_prepared_copy_is_written_again(
+    tiny_models: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy cut short (a full disk, a power cut before the kernel wrote it out) is not trusted: the model
+    loads from its file, and the copy is written anew."""
+    model = tiny_models["int4"] / "model.onnx"
+    DecoderSession(model, prepared_dir=tmp_path)
+    data = prepared_copy(model, tmp_path) / "model.data"
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 3)
+    again = DecoderSession(model, prepared_dir=tmp_path)
+    assert again.loaded_from == model and "cannot be loaded" in caplog.text
+    assert data.stat().st_size == size
+    assert np.array_equal(_logits(again), _logits(DecoderSession(model)))
+
+
+def test_a_prepared_dir_that_cannot_be_written_loads_the_model_as_it_is(
+    tiny_models: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_models["int4"] / "model.onnx"
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    session = DecoderSession(model, prepared_dir=blocked)
+    assert session.loaded_from == model and "cannot write a prepared copy" in caplog.text
+    assert np.array_equal(_logits(session), _logits(DecoderSession(model)))
+
+
+def test_a_rebuilt_model_replaces_its_copy_and_leaves_other_models_copies(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A copy belongs to one build of one model: a new build gets a new copy, the old one is deleted, and a
+    model whose name starts with this one's keeps its own."""
+    source = tiny_models["int4"]
+    model = tmp_path / "tiny" / "model.onnx"
+    model.parent.mkdir()
+    model.write_bytes((source / "model.onnx").read_bytes())
+    other = tmp_path / "tiny-fp32" / "model.onnx"
+    other.parent.mkdir()
+    other.write_bytes((tiny_models["fp32"] / "model.onnx").read_bytes())
+    prepared = tmp_path / "prepared"
+    DecoderSession(other, prepared_dir=prepared)
+    DecoderSession(model, prepared_dir=prepared)
+    old = prepared_copy(model, prepared)
+    model.write_bytes(model.read_bytes())  # a rebuild: same name, a new modification time
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
+    assert prepared_copy(model, prepared) != old
+    DecoderSession(model, prepared_dir=prepared)
+    assert not old.exists() and prepared_copy(model, prepared).is_dir()
+    assert prepared_copy(other, prepared).is_dir()

@@ -82,12 +82,15 @@ def _decode_rate(stamps_s: Sequence[float]) -> float:
 
 class EdgedRunner:
     """edged's engine through its public API, as the daemon configures it (prefix cache on, a batch of
-    slots); the prompt is rendered by the engine from the same messages."""
+    slots, the model loaded through its prepared copy in ``prepared_dir``); the prompt is rendered by the
+    engine from the same messages."""
 
-    def __init__(self, model_dir: Path, threads: int, context_tokens: int) -> None:
+    def __init__(self, model_dir: Path, threads: int, context_tokens: int, prepared_dir: Path | None) -> None:
         from edged.llm import Engine
 
-        self.engine = Engine(model_dir, threads=threads, context_tokens=context_tokens, prefix_cache_mb=32)
+        self.engine = Engine(
+            model_dir, threads=threads, context_tokens=context_tokens, prefix_cache_mb=32, prepared_dir=prepared_dir
+        )
         self.prefix_cache = self.engine.prefix_cache is not None
         self.batches = self.engine.session.batches
 
@@ -253,7 +256,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if peer == EDGED:
         importlib.import_module("edged.llm")
         loaded = time.perf_counter()
-        runner = EdgedRunner(Path(spec["model_dir"]), threads, ctx)
+        prepared = spec.get("prepared_dir")
+        runner = EdgedRunner(Path(spec["model_dir"]), threads, ctx, Path(prepared) if prepared else None)
     elif peer == LLAMA_CPP:
         importlib.import_module("llama_cpp")
         loaded = time.perf_counter()

@@ -50,6 +50,15 @@ def ask(lst: Listener, body: dict[str, object] | str | bytes, topic: str = "edge
     lst.publish(topic, payload, response_topic=kw.pop("response_topic", lst.reply_topic), **kw)  # type: ignore[arg-type,attr-defined]
 
 
+def test_the_daemon_loads_its_model_through_a_prepared_copy(node: Node, smollm2_dirs: dict[str, Path]) -> None:
+    """`edged serve` keeps onnxruntime's optimized, prepacked copy of its model in <state_dir>/prepared (the
+    test nodes share one such directory)."""
+    from edged.llm.session import prepared_copy
+
+    copy = prepared_copy(smollm2_dirs["int4"] / "model.onnx", node.dir / "prepared")
+    assert (copy / "model.onnx").is_file() and (copy / "model.data").stat().st_size > 100e6
+
+
 def test_mosquitto_rr_with_plain_text_gets_the_answer(node: Node, broker: Mosquitto) -> None:
     """The contract's own example: a kiosk integrator pastes this and gets JSON back."""
     out = subprocess.run(

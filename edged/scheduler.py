@@ -17,9 +17,10 @@ from edged.errors import Busy, EdgedError, Internal
 from edged.governor import Limits
 from edged.llm import Engine
 from edged.llm.engine import Batch, Sequence
-from edged.protocol import Identity, Request
+from edged.protocol import PRIORITIES, Identity, Request
 
 log = logging.getLogger(__name__)
+ALERT = PRIORITIES.index("alert")  # a job's rank: lower runs first
 
 
 class Replies(Protocol):
@@ -234,9 +235,10 @@ class Scheduler:
         if running:
             self._thread.join(5)
 
-    def _take(self, wait: bool) -> _Job | None:
-        """The next queued job the governor lets run (waiting for one if ``wait``), answering those that
-        expired while held back; None when there is none or the scheduler stops."""
+    def _take(self, wait: bool, alerts_only: bool = False) -> _Job | None:
+        """The next queued job the governor lets run (waiting for one if ``wait``; only an alert if
+        ``alerts_only``), answering those that expired while held back; None when there is none or the
+        scheduler stops."""
         while True:
             expired: list[_Job] = []
             with self._cond:
@@ -244,7 +246,7 @@ class Scheduler:
                     return None
                 while self._heap and self._queued.get(_key(self._heap[0])) is not self._heap[0]:
                     heapq.heappop(self._heap)  # cancelled, displaced or expired while queued
-                if self._heap and self._limits().run_queued:
+                if self._heap and self._limits().run_queued and not (alerts_only and self._heap[0].rank > ALERT):
                     job = heapq.heappop(self._heap)
                     del self._queued[_key(job)]
                     return job
@@ -271,13 +273,16 @@ class Scheduler:
             if stopping and not running:
                 return
             if batch is None or (batch.engine is not engine and not running):
-                batch = Batch(engine, self._slots if engine.session.batches else 1)  # first, or a swapped model
+                # First, or a swapped model. One slot beyond ``slots`` is kept for alerts: an alert never waits
+                # for an answer under way (its keys and values are resident only while it runs).
+                batch = Batch(engine, self._slots + 1 if engine.session.batches else 1)
                 continue
             # The governor's thread count: a session reload between two steps (the keys and values are ours).
             batch.engine.set_threads(max(1, self._threads + limits.threads_delta))
-            room = min(batch.free, (limits.slots_cap or batch.slots) - len(running))
-            if batch.engine is engine and not stopping and room > 0:
-                job = self._take(wait=not running)
+            limit = min(limits.slots_cap or self._slots, self._slots)
+            if batch.engine is engine and not stopping and batch.free > 0 and len(running) <= limit:
+                # With every ordinary slot busy, only an alert may join, into the slot kept for it.
+                job = self._take(wait=not running, alerts_only=len(running) >= limit)
                 if job is not None:
                     self._join(batch, job, self._limits())  # now: the wait for a job may have been long
                     continue

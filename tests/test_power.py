@@ -291,3 +291,60 @@ def test_systemd_status_lines_and_prometheus_metrics(
     finally:
         node.stop()
         sock.close()
+
+
+def test_the_governor_decodes_fewer_answers_together_when_warm(
+    broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Four slots decode four answers together; warm caps that at two (less heat), so the third and fourth
+    answers start only when earlier ones end. Measured from the streams: answers under way at once."""
+    temp = sysfs.pi4(tmp_path / "board", temp_mc=50_000, throttled="0x0")
+    node = Node(
+        tmp_path / "node",
+        broker.url,
+        "slotpi",
+        smollm2_dirs["int4"].parent,
+        model=SMOLLM2,
+        slots=4,
+        topic_prefix="slots",
+        sysfs_root=str(tmp_path / "board"),
+        sensor_interval_s=0.2,
+        governor_warm_max_tokens=6,
+        governor_warm_pause_ms=60.0,
+    ).start(broker.port, prefix="slots")
+    watch = Listener(broker.port, "slots/slotpi/status")
+    replies = Listener(broker.port, "r/slots")
+
+    def most_at_once(tag: str) -> int:
+        """Sends four streamed questions at once; the most answers between first chunk and final at a time."""
+        for i in range(4):
+            body = {"id": f"{tag}-{i}", "prompt": f"Tell me about the sea, part {i}.", "max_tokens": 6, "stream": True}
+            replies.publish("slots/slotpi/ask", json.dumps(body), response_topic="r/slots")
+        events: list[tuple[float, int]] = []  # (time, +1 at an answer's first chunk, -1 at its final)
+        started: set[str] = set()
+        finals = 0
+        while finals < 4:
+            body = json.loads(replies.next(60).payload)
+            if body.get("done"):
+                assert body["status"] == "ok", body
+                finals += 1
+                events.append((time.monotonic(), -1))
+            elif body["id"] not in started:
+                started.add(body["id"])
+                events.append((time.monotonic(), +1))
+        level = peak = 0
+        for _, change in sorted(events, key=lambda e: (e[0], e[1])):
+            level += change
+            peak = max(peak, level)
+        return peak
+
+    try:
+        wait_for(watch, lambda _t, b: b.get("governor") == "normal")
+        assert most_at_once("normal") == 4
+        temp.write_text("72000\n")
+        wait_for(watch, lambda _t, b: b.get("governor") == "warm")
+        assert most_at_once("warm") == 2
+    finally:
+        watch.close()
+        replies.close()
+        node.stop()

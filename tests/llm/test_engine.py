@@ -188,3 +188,20 @@ def test_a_logits_hook_confines_every_token_and_ends_the_answer_when_complete(en
         assert set(result.token_ids) <= set(ids)
         assert list(result.token_ids) == hooks[-1].seen
     assert len(hooks) == 2  # one fresh hook per sequence
+
+
+def test_a_broken_tokenizer_or_model_is_refused_whichever_fails(tiny: Path, tmp_path: Path) -> None:
+    """The tokenizer loads beside the session: a broken tokenizer, a broken model, or both, are each
+    refused with model_unavailable naming what failed (the session's error first)."""
+    for broken in ("tokenizer.json", "model.onnx", "both"):
+        model_dir = tmp_path / broken
+        model_dir.mkdir()
+        for f in tiny.iterdir():
+            if f.is_file():
+                (model_dir / f.name).write_bytes(f.read_bytes())
+        for name in ("tokenizer.json", "model.onnx") if broken == "both" else (broken,):
+            (model_dir / name).write_text("{}")
+        with pytest.raises(ModelUnavailable) as refused:
+            Engine(model_dir)
+        expected = "onnxruntime cannot load" if broken != "tokenizer.json" else "cannot read the tokenizer"
+        assert expected in str(refused.value), (broken, refused.value)

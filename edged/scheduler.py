@@ -133,6 +133,9 @@ class Scheduler:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._running: dict[tuple[str, str], _Running] = {}  # (identity key, id) -> running sequence
+        # Taken from the queue, not yet running (its prompt being tokenized): a cancel then is kept for _join.
+        self._starting: dict[tuple[str, str], _Job] = {}
+        self._cancelled_starting: set[tuple[str, str]] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="edged-worker", daemon=True)
         self.heartbeat = time.monotonic()  # moves while the worker is alive and not stuck
@@ -196,6 +199,10 @@ class Scheduler:
             key = next((k for k, j in self._queued.items() if mine(j.request)), None)
             job = self._queued.pop(key) if key is not None else None
             running = next((r for r in self._running.values() if mine(r.job.request)), None)
+            starting = next((k for k, j in self._starting.items() if mine(j.request)), None)
+            if starting is not None:  # taken from the queue, not yet running: _start ends it before compute
+                self._cancelled_starting.add(starting)
+                return True
         if job is not None:
             job.replies.ended(job.request, "cancelled")
             return True
@@ -249,6 +256,7 @@ class Scheduler:
                 if self._heap and self._limits().run_queued and not (alerts_only and self._heap[0].rank > ALERT):
                     job = heapq.heappop(self._heap)
                     del self._queued[_key(job)]
+                    self._starting[_key(job)] = job
                     return job
                 if self._heap:  # held back by the governor: queued work waits, or expires by its deadline
                     now = time.time()
@@ -298,6 +306,14 @@ class Scheduler:
 
     def _join(self, batch: Batch, job: _Job, limits: Limits) -> None:
         """Starts ``job`` in a free slot of ``batch``: its prefill and its first token."""
+        try:
+            self._start(batch, job, limits)
+        finally:
+            with self._cond:
+                self._starting.pop(_key(job), None)
+                self._cancelled_starting.discard(_key(job))
+
+    def _start(self, batch: Batch, job: _Job, limits: Limits) -> None:
         request = job.request
         now_wall, now = time.time(), time.monotonic()
         if now_wall >= request.deadline_at:  # expired while queued: no compute at all
@@ -322,8 +338,14 @@ class Scheduler:
         )
         seq = engine.sequence(generation, prompt_ids)
         run = _Running(job, seq, engine.name)
-        with self._cond:
-            self._running[_key(job)] = run
+        with self._cond:  # from starting to running in one step, so a cancel finds it in one or the other
+            del self._starting[_key(job)]
+            cancelled = _key(job) in self._cancelled_starting
+            if not cancelled:
+                self._running[_key(job)] = run
+        if cancelled:  # while its prompt was being tokenized: no compute
+            job.replies.ended(request, "cancelled")
+            return
         energy = self._energy_j() if self._energy_j else None
         try:
             text = batch.add(seq)

@@ -73,7 +73,7 @@ def test_mosquitto_rr_with_plain_text_gets_the_answer(node: Node, broker: Mosqui
             "-e",
             "kiosk/7/reply",
             "-m",
-            "What is the capital of France?",
+            "What is the capital of Japan?",
             "-W",
             "60",
         ],
@@ -84,7 +84,7 @@ def test_mosquitto_rr_with_plain_text_gets_the_answer(node: Node, broker: Mosqui
     ).stdout
     reply = json.loads(out)
     assert reply["status"] == "ok" and reply["done"] is True
-    assert "Paris" in reply["text"]
+    assert "Tokyo" in reply["text"]
     assert reply["finish_reason"] == "stop"
     assert reply["model"] == SMOLLM2 and reply["node"] == "pi"
     assert reply["usage"]["completion_tokens"] > 0 and reply["timings"]["total_ms"] > 0
@@ -175,7 +175,8 @@ def test_full_queue_answers_busy_and_cancel_stops_queued_and_running(node: Node,
     for i in (2, 0, 1):
         listener.publish("edged/pi/cancel", json.dumps({"id": f"q-{i}"}))
     finals = {r["id"]: r for r in listener.finals(3, timeout_s=30)}
-    assert {r["finish_reason"] for r in finals.values()} == {"cancelled"}
+    reasons = {k: r["finish_reason"] for k, r in finals.items()}
+    assert set(reasons.values()) == {"cancelled"}, reasons  # q-1 is cancelled just as it leaves the queue
     assert finals["q-2"]["usage"]["completion_tokens"] == 0, "cancelled while queued: no compute"
     assert finals["q-0"]["usage"]["completion_tokens"] < 400
     ask(listener, {"id": "q-3", "prompt": "Say hi", "max_tokens": 3})  # the refused id, retried: welcome now
@@ -356,9 +357,9 @@ def test_serve_without_a_broker_runs_a_private_mosquitto(smollm2_dirs: dict[str,
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
     try:
-        ok = edged_ask("--node", "solo", "--stream", "What is the capital of France?")
+        ok = edged_ask("--node", "solo", "--stream", "What is the capital of Japan?")
         assert ok.returncode == 0, ok.stderr
-        assert "Paris" in ok.stdout and "solo" in ok.stderr
+        assert "Tokyo" in ok.stdout and "solo" in ok.stderr
         as_json = json.loads(edged_ask("--node", "solo", "--json", "--max-tokens", "3", "Hi").stdout)
         assert as_json["status"] == "ok" and as_json["usage"]["completion_tokens"] <= 3
         refused = edged_ask("--node", "solo", "--max-tokens", "0", "Hi")

@@ -1,7 +1,7 @@
 """Continuous batching in `edged serve`: kiosks asking at once are decoded together, each gets the answer it
 would get alone, and cancelling or finishing one frees its slot without touching the others.
 
-"The answer it would get alone": the float-activation projections (gate_up) run another kernel for one row
+"The answer it would get alone": the float-activation projection (qkv) runs another kernel for one row
 than for several, so rounding differs and a near-tie late in an answer may go the other way (the int8 ones
 give the same bits either way). Answers are compared over their first SAME_TOKENS tokens; the whole text
 must match for most of them.
@@ -23,7 +23,7 @@ from tests.mqttlab import SMOLLM2, Listener, Mosquitto, Node, contract_node
 pytestmark = pytest.mark.model
 
 QUESTIONS = (
-    "What is the capital of France?",
+    "What is the capital of Japan?",
     "How should I water tomatoes in hot weather?",
     "Name three planets of the solar system.",
     "Write a haiku about rain.",

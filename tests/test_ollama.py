@@ -76,7 +76,7 @@ def test_streamed_chat_as_home_assistant_sends_it(http_port: int) -> None:
             model="smollm2:135m",
             messages=[
                 {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "user", "content": "What is the capital of Japan?"},
             ],
             stream=True,
             keep_alive=-1,
@@ -88,7 +88,7 @@ def test_streamed_chat_as_home_assistant_sends_it(http_port: int) -> None:
     assert len(parts) > 3, "streamed in pieces, not in one"
     assert all(not p.done for p in parts[:-1]) and parts[-1].done
     text = "".join(p.message.content or "" for p in parts)
-    assert "Paris" in text
+    assert "Tokyo" in text
     last = parts[-1]
     assert last.done_reason == "stop" and last.eval_count and last.prompt_eval_count
     assert last.total_duration and last.eval_duration and last.total_duration >= last.eval_duration
@@ -111,12 +111,12 @@ def test_stop_strings_end_the_answer_before_them(http_port: int) -> None:
     async def run() -> ollama.ChatResponse:
         return await client(http_port).chat(
             model=SMOLLM2,
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            options={"stop": ["Paris"]},
+            messages=[{"role": "user", "content": "What is the capital of Japan?"}],
+            options={"stop": ["Tokyo"]},
         )
 
     reply = asyncio.run(run())
-    assert reply.done_reason == "stop" and "Paris" not in (reply.message.content or "")
+    assert reply.done_reason == "stop" and "Tokyo" not in (reply.message.content or "")
 
 
 def test_a_full_queue_is_refused_at_once_and_a_dropped_stream_is_cancelled(http_port: int) -> None:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.model
 
 KEY = "s3cret-token"
 LONG = "Write a long story about a lighthouse keeper and the sea, with many details."
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,9 @@ def test_models_lists_the_served_model(base_url: str) -> None:
 
 
 def test_a_completion_answers_with_usage(base_url: str) -> None:
-    reply = client(base_url).chat.completions.create(model="smollm2:135m", messages=FRANCE)  # type: ignore[arg-type]
+    reply = client(base_url).chat.completions.create(model="smollm2:135m", messages=JAPAN)  # type: ignore[arg-type]
     choice = reply.choices[0]
-    assert "Paris" in (choice.message.content or "") and choice.message.role == "assistant"
+    assert "Tokyo" in (choice.message.content or "") and choice.message.role == "assistant"
     assert choice.finish_reason == "stop" and reply.object == "chat.completion"
     assert reply.usage is not None and reply.usage.completion_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
@@ -71,13 +71,13 @@ def test_a_completion_answers_with_usage(base_url: str) -> None:
 def test_a_streamed_completion_arrives_in_pieces_and_ends_with_usage(base_url: str) -> None:
     stream = client(base_url).chat.completions.create(
         model=SMOLLM2,
-        messages=FRANCE,  # type: ignore[arg-type]
+        messages=JAPAN,  # type: ignore[arg-type]
         stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-    assert len([d for d in deltas if d]) > 3 and "Paris" in "".join(deltas)
+    assert len([d for d in deltas if d]) > 3 and "Tokyo" in "".join(deltas)
     assert chunks[0].choices[0].delta.role == "assistant"
     finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finished == ["stop"]
@@ -86,12 +86,12 @@ def test_a_streamed_completion_arrives_in_pieces_and_ends_with_usage(base_url: s
 
 def test_max_tokens_stop_and_seed(base_url: str) -> None:
     c = client(base_url)
-    short = c.chat.completions.create(model=SMOLLM2, messages=FRANCE, max_tokens=4)  # type: ignore[arg-type]
+    short = c.chat.completions.create(model=SMOLLM2, messages=JAPAN, max_tokens=4)  # type: ignore[arg-type]
     assert short.choices[0].finish_reason == "length" and short.usage and short.usage.completion_tokens == 4
-    brief = c.chat.completions.create(model="brief", messages=FRANCE, max_tokens=3)  # type: ignore[arg-type]
+    brief = c.chat.completions.create(model="brief", messages=JAPAN, max_tokens=3)  # type: ignore[arg-type]
     assert brief.usage and brief.usage.completion_tokens == 3, "the request's own max_tokens beats the profile's"
-    cut = c.chat.completions.create(model=SMOLLM2, messages=FRANCE, stop=["Paris"])  # type: ignore[arg-type]
-    assert "Paris" not in (cut.choices[0].message.content or "") and cut.choices[0].finish_reason == "stop"
+    cut = c.chat.completions.create(model=SMOLLM2, messages=JAPAN, stop=["Tokyo"])  # type: ignore[arg-type]
+    assert "Tokyo" not in (cut.choices[0].message.content or "") and cut.choices[0].finish_reason == "stop"
     sampled = [
         c.chat.completions.create(
             model=SMOLLM2,
@@ -122,12 +122,12 @@ def test_busy_is_a_429_with_retry_after(base_url: str) -> None:
         await anext(stream)
         await anext(stream)  # a content delta: it is running
         queued = asyncio.create_task(
-            c.chat.completions.create(model=SMOLLM2, messages=FRANCE, max_tokens=2)  # type: ignore[arg-type]
+            c.chat.completions.create(model=SMOLLM2, messages=JAPAN, max_tokens=2)  # type: ignore[arg-type]
         )
         await asyncio.sleep(0.5)
         try:
             with pytest.raises(openai.RateLimitError) as refused:
-                await c.chat.completions.create(model=SMOLLM2, messages=FRANCE)  # type: ignore[arg-type]
+                await c.chat.completions.create(model=SMOLLM2, messages=JAPAN)  # type: ignore[arg-type]
         finally:
             await running.close()
             await queued
@@ -141,10 +141,10 @@ def test_busy_is_a_429_with_retry_after(base_url: str) -> None:
 def test_errors_come_in_openai_shape(base_url: str) -> None:
     c = client(base_url)
     with pytest.raises(openai.NotFoundError) as unknown:
-        c.chat.completions.create(model="gpt-4o", messages=FRANCE)  # type: ignore[arg-type]
+        c.chat.completions.create(model="gpt-4o", messages=JAPAN)  # type: ignore[arg-type]
     assert unknown.value.code == "model_not_found" and "smollm2:135m" in unknown.value.message
     with pytest.raises(openai.BadRequestError) as bad:
-        c.chat.completions.create(model=SMOLLM2, messages=FRANCE, temperature=5)  # type: ignore[arg-type]
+        c.chat.completions.create(model=SMOLLM2, messages=JAPAN, temperature=5)  # type: ignore[arg-type]
     assert bad.value.code == "invalid_request" and "temperature must be" in bad.value.message
     with pytest.raises(openai.BadRequestError) as image:
         c.chat.completions.create(
@@ -161,7 +161,7 @@ def test_without_the_bearer_token_every_api_answers_401(base_url: str) -> None:
     assert wrong.value.code == "invalid_api_key"
     with httpx.Client(base_url=base_url) as raw:
         for method, path in (("GET", "/api/tags"), ("POST", "/api/chat"), ("GET", "/v1/models")):
-            reply = raw.request(method, path, json={"model": SMOLLM2, "messages": FRANCE})
+            reply = raw.request(method, path, json={"model": SMOLLM2, "messages": JAPAN})
             assert reply.status_code == 401 and reply.headers["WWW-Authenticate"] == "Bearer", path
         assert "API key" in raw.get("/api/tags").json()["error"]
         assert raw.get("/api/tags", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200

@@ -50,12 +50,14 @@ def test_fp32_export_matches_pytorch_greedy_token_for_token(smollm2_dirs: dict[s
         assert ours == theirs, prompt
 
 
-def test_default_build_knows_the_capital_of_france(smollm2_dirs: dict[str, Path]) -> None:
+def test_default_build_knows_the_capital_of_japan(smollm2_dirs: dict[str, Path]) -> None:
+    """A fact fp32 states with a wide margin (2.5 logits at its closest token); the France question, a 0.08
+    logit tie in fp32 itself, is no test of a build (README "Models")."""
     engine = Engine(smollm2_dirs["int4"], threads=2)
     result = engine.complete(
-        GenerationRequest(messages=(Message("user", "What is the capital of France?"),), max_tokens=32)
+        GenerationRequest(messages=(Message("user", "What is the capital of Japan?"),), max_tokens=32)
     )
-    assert "Paris" in result.text
+    assert "Tokyo" in result.text
     assert result.finish_reason == "stop"
 
 

@@ -177,7 +177,7 @@ def smollm2_float(smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPa
     return out
 
 
-PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "Why do cats purr?"]
+PROMPTS = ["What is the capital of Japan?", "Write a short poem about the sea.", "Why do cats purr?"]
 
 
 @pytest.mark.model
@@ -214,10 +214,10 @@ def test_smollm2_default_build_is_faithful_to_fp32(smollm2_dirs: dict[str, Path]
     default = agreement(fp32, Engine(smollm2_dirs["int4"], threads=2))
     print(f"agreement with fp32: float activations {exact.top1:.3f}, the default build {default.top1:.3f}")
     assert default.top1 >= 0.95, default
-    france = Engine(smollm2_dirs["int4"], threads=2).complete(
+    japan = Engine(smollm2_dirs["int4"], threads=2).complete(
         GenerationRequest(messages=(Message("user", PROMPTS[0]),), max_tokens=32)
     )
-    assert "Paris" in france.text and france.finish_reason == "stop"
+    assert "Tokyo" in japan.text and japan.finish_reason == "stop"
 
 
 def test_int8_activations_apply_to_the_named_projections_only(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -242,7 +242,7 @@ def _open(
     Loading a model makes onnxruntime optimize the graph and repack every MatMulNBits weight into its
     kernels' layout, about half of the load, and keeps the packed weights on the heap. A prepared copy has
     both done: the packed weights are mapped from its data file (SmolLM2-135M int4 on 2 x86 cores: load
-    0.31 -> 0.17 s, 44 MB less resident after load, the same logits to the bit). The first load writes it;
+    0.31 -> 0.17 s, the same logits to the bit). The first load writes it;
     a copy that cannot be written or read is logged and the model is loaded as it is.
     """
 

@@ -242,8 +242,8 @@ def _open(
     Loading a model makes onnxruntime optimize the graph and repack every MatMulNBits weight into its
     kernels' layout, about half of the load, and keeps the packed weights on the heap. A prepared copy has
     both done: the packed weights are mapped from its data file (SmolLM2-135M int4 on 2 x86 cores: load
-    0.31 -> 0.17 s, the same logits to the bit). The first load writes it;
-    a copy that cannot be written or read is logged and the model is loaded as it is.
+    0.31 -> 0.17 s, the same logits to the bit). The first load writes it; a copy that cannot be written or
+    read is logged and the model is loaded as it is.
     """
 
     def load(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
@@ -252,7 +252,7 @@ def _open(
     if prepared_dir is None:
         return load(model_path, options()), model_path
     prepared = prepared_copy(model_path, prepared_dir)
-    if (prepared / _PREPARED_DATA).is_file():
+    if (prepared / _PREPARED_GRAPH).is_file():
         opts = options()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized already
         try:
@@ -271,8 +271,8 @@ def _open(
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         opts.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         session = load(model_path, opts)
-        for name in (_PREPARED_GRAPH, _PREPARED_DATA):
-            with open(staging / name, "rb") as f:
+        for written in (staging / _PREPARED_GRAPH, *staging.glob(_PREPARED_DATA)):  # no data: nothing was large
+            with open(written, "rb") as f:
                 os.fsync(f.fileno())  # whole on disk before it is named: a power cut leaves no half copy
         for old in prepared_dir.glob(f"{model_path.parent.name}-*"):
             if re.fullmatch(rf"{re.escape(model_path.parent.name)}-[0-9a-f]{{16}}", old.name):

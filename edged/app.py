@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edged.admission import NodeState
 from edged.broker import LocalBroker
@@ -19,7 +20,6 @@ from edged.energy import BOARDS, EnergyMeter, PowerModel, detect_board
 from edged.errors import EdgedError, ModelUnavailable
 from edged.inbox import Inbox, Wiring
 from edged.journal import Journal
-from edged.knowledge import KnowledgeBase
 from edged.llm import Engine, GenerationRequest, LogitsHook, Message
 from edged.metrics import Counts, MetricsServer
 from edged.monitor import Monitor
@@ -29,9 +29,12 @@ from edged.profiles import Catalog
 from edged.protocol import Defaults
 from edged.scheduler import RateLimiter, Scheduler, default_slots
 from edged.sensors import Sensors
-from edged.structured import compile_format
 from edged.systemd import notify, setup_logging
-from edged.web import FrontDoor, Served
+
+if TYPE_CHECKING:  # imported where they are used: a node without HTTP, structured answers or knowledge
+    # bases does not load aiohttp, llguidance and bm25s (about 30 MB resident between them)
+    from edged.knowledge import KnowledgeBase
+    from edged.web import FrontDoor
 
 log = logging.getLogger("edged")
 _INBOX_CAPACITY = 256
@@ -101,8 +104,10 @@ class App:
         )
         self.monitor.link, self.monitor.fleet_link = self.link, self.fleet_link
         self.inbox = Inbox(_INBOX_CAPACITY, self._wiring(config), self.journal, self.outbox, self.counters)
-        self.front_door = None
+        self.front_door: FrontDoor | None = None
         if config.http.enabled:
+            from edged.web import FrontDoor, Served
+
             served = Served(wiring=lambda: self.inbox.wiring, engine=lambda: self.engine)
             self.front_door = FrontDoor(config.http, served, self.counters)
 
@@ -294,6 +299,8 @@ def _new_engine(config: Config) -> Engine:
 def _knowledge_bases(config: Config) -> dict[str, KnowledgeBase]:
     """The knowledge bases the profiles name, read from disk (at start and on reload); one that cannot be read
     is logged, and its profile's requests are refused until it is built."""
+    from edged.knowledge import KnowledgeBase
+
     bases = {}
     for name in sorted({p.knowledge for p in config.profiles.values() if p.knowledge}):
         try:
@@ -305,7 +312,13 @@ def _knowledge_bases(config: Config) -> dict[str, KnowledgeBase]:
 
 def _format_compiler(engine: Engine) -> Callable[[object, int], Callable[[], LogitsHook]]:
     """The contract's ``format`` (and the answer's token budget) compiled against this engine's tokenizer."""
-    return lambda answer_format, max_tokens: compile_format(answer_format, engine.tokenizer, max_tokens)
+
+    def compile_with(answer_format: object, max_tokens: int) -> Callable[[], LogitsHook]:
+        from edged.structured import compile_format  # llguidance loads with the first structured answer
+
+        return compile_format(answer_format, engine.tokenizer, max_tokens)
+
+    return compile_with
 
 
 def _defaults(config: Config) -> Defaults:

@@ -12,10 +12,12 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import bm25s
+from typing import TYPE_CHECKING
 
 from edged.llm import Message
+
+if TYPE_CHECKING:  # bm25s is imported where an index is built, read or searched: a node without one never loads it
+    import bm25s
 
 SUFFIXES = (".md", ".markdown", ".txt")
 MAX_PASSAGE_WORDS = 160  # a passage is at most this long (a section is cut at paragraphs), ~220 tokens
@@ -77,6 +79,8 @@ def _stem(word: str) -> str:
 
 
 def _terms(texts: list[str]) -> list[list[str]]:
+    import bm25s
+
     tokens = bm25s.tokenize(texts, stopwords="english", stemmer=_stems, return_ids=False, show_progress=False)
     return [list(t) for t in tokens]
 
@@ -92,6 +96,8 @@ def build(source: Path, target: Path, progress: Callable[[str], None]) -> int:
         progress(f"[{n}/{len(files)}] {path.relative_to(source)}: {len(found)} passages")
     if not passages:
         raise ValueError(f"no Markdown or text documents ({', '.join(SUFFIXES)}) under {source}")
+    import bm25s
+
     retriever = bm25s.BM25()
     retriever.index(_terms([f"{p.heading}\n{p.text}" for p in passages]), show_progress=False)
     staging = target.with_name(f".{target.name}.new")
@@ -131,6 +137,8 @@ class KnowledgeBase:
         path = directory / PASSAGES
         if not path.is_file():
             raise FileNotFoundError(f"no knowledge base in {directory}")
+        import bm25s
+
         try:
             passages = [Passage(**p) for p in json.loads(path.read_text())]
             retriever = bm25s.BM25.load(str(directory))

@@ -242,8 +242,9 @@ def _open(
     Loading a model makes onnxruntime optimize the graph and repack every MatMulNBits weight into its
     kernels' layout, about half of the load, and keeps the packed weights on the heap. A prepared copy has
     both done: the packed weights are mapped from its data file (SmolLM2-135M int4 on 2 x86 cores: load
-    0.31 -> 0.17 s, the same logits to the bit). The first load writes it; a copy that cannot be written or
-    read is logged and the model is loaded as it is.
+    0.31 -> 0.17 s, the same logits to the bit). The first load writes it and then loads it too, so a node
+    runs the same way from its first start on. A copy that cannot be written or read is logged and the
+    model is loaded as it is.
     """
 
     def load(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
@@ -252,37 +253,45 @@ def _open(
     if prepared_dir is None:
         return load(model_path, options()), model_path
     prepared = prepared_copy(model_path, prepared_dir)
-    if (prepared / _PREPARED_GRAPH).is_file():
-        opts = options()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized already
-        try:
-            return load(prepared / _PREPARED_GRAPH, opts), prepared / _PREPARED_GRAPH
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            log.warning("prepared copy %s cannot be loaded, writing it again: %s", prepared, exc)
-            shutil.rmtree(prepared, ignore_errors=True)
+    for fresh in (False, True):
+        if (prepared / _PREPARED_GRAPH).is_file():
+            opts = options()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # optimized already
+            try:
+                return load(prepared / _PREPARED_GRAPH, opts), prepared / _PREPARED_GRAPH
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                log.warning("prepared copy %s cannot be loaded: %s", prepared, exc)
+                shutil.rmtree(prepared, ignore_errors=True)
+        if fresh or not _write_copy(model_path, options(), prepared):
+            break
+    return load(model_path, options()), model_path
+
+
+def _write_copy(model_path: Path, opts: ort.SessionOptions, prepared: Path) -> bool:
+    """Writes the prepared copy of ``model_path`` as ``prepared``; False (logged) when it cannot."""
     staging = prepared.with_name(f".{prepared.name}.{os.getpid()}")
     try:
-        for partial in prepared_dir.glob(f".{prepared.name}.*"):
+        for partial in prepared.parent.glob(f".{prepared.name}.*"):
             shutil.rmtree(partial, ignore_errors=True)  # left by a load that was killed while writing
         staging.mkdir(parents=True)
-        opts = options()
         opts.optimized_model_filepath = str(staging / _PREPARED_GRAPH)
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", _PREPARED_DATA)
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         opts.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-        session = load(model_path, opts)
+        ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])  # writes it, then goes
+        _release_freed_heap()  # its packed weights, before the copy is mapped
         for written in (staging / _PREPARED_GRAPH, *staging.glob(_PREPARED_DATA)):  # no data: nothing was large
             with open(written, "rb") as f:
                 os.fsync(f.fileno())  # whole on disk before it is named: a power cut leaves no half copy
-        for old in prepared_dir.glob(f"{model_path.parent.name}-*"):
+        for old in prepared.parent.glob(f"{model_path.parent.name}-*"):
             if re.fullmatch(rf"{re.escape(model_path.parent.name)}-[0-9a-f]{{16}}", old.name):
                 shutil.rmtree(old, ignore_errors=True)  # copies of earlier builds of this model
         staging.rename(prepared)
-        return session, model_path
+        return True
     except Exception as exc:  # a read-only or full disk, or onnxruntime refusing to write the copy
-        log.warning("cannot write a prepared copy of %s in %s (%s); loading it as it is", model_path, prepared_dir, exc)
+        log.warning("cannot write a prepared copy of %s as %s (%s); loading it as it is", model_path, prepared, exc)
         shutil.rmtree(staging, ignore_errors=True)
-        return load(model_path, options()), model_path
+        return False
 
 
 class DecoderSession:

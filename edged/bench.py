@@ -695,7 +695,7 @@ def print_peers(report: dict[str, Any]) -> None:
             cells.append(f"{value:>10.{digits}f}{mark or ' '}")
         ratios = [f"{row['ratios'][p]:>16.2f}x" if p in row["ratios"] else f"{'':>17}" for p in others]
         print(f"{row['label']:<48}" + "".join(cells) + "".join(ratios))
-        notes.extend(f"  * {row['label']}: {text}" for text in row["notes"].values())
+        notes.extend(f"  * {row['label']}: {text}" for text in dict.fromkeys(row["notes"].values()))  # once each
     if notes:
         print("not the feature the row names (measured as it is today, not faked):")
         print("\n".join(notes))

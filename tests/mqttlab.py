@@ -12,11 +12,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -242,3 +244,35 @@ class Node:
 def contract_node(workdir: Path, broker: Mosquitto, models_dir: Path, node_id: str = "pi", **settings: Any) -> Node:
     """A started `edged serve` with the real model and CONTRACT_SETTINGS (``settings`` override them)."""
     return Node(workdir, broker.url, node_id, models_dir, **{**CONTRACT_SETTINGS, **settings}).start(broker.port)
+
+
+def http_node(workdir: Path, broker: Mosquitto, models_dir: Path, **settings: Any) -> tuple[Node, int]:
+    """A contract node with the HTTP front door on a free loopback port and a queue of one (so "full" is
+    reachable); and that port, open."""
+    port = free_port()
+    node = contract_node(
+        workdir, broker, models_dir, queue_capacity=1, http_enabled=True, http_listen=f"127.0.0.1:{port}", **settings
+    )
+    wait_port(port)
+    return node, port
+
+
+# Fixtures a module shares by importing them (conftest's `broker` is one per test).
+
+
+@pytest.fixture(scope="module", name="broker")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    """One Mosquitto for the whole module."""
+    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(name="listener")
+def reply_listener(broker: Mosquitto) -> Iterator[Listener]:
+    """A client listening on a reply topic of its own, ``listener.reply_topic``."""
+    topic = f"replies/{uuid.uuid4().hex[:8]}"
+    lst = Listener(broker.port, topic)
+    lst.reply_topic = topic  # type: ignore[attr-defined]
+    yield lst
+    lst.close()

@@ -10,7 +10,6 @@ must match for most of them.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,15 @@ import pytest
 
 from edged.llm import Engine, GenerationRequest, Message
 from edged.llm.session import DecoderSession
-from tests.mqttlab import SMOLLM2, Listener, Mosquitto, Node, contract_node
+from tests.mqttlab import (
+    SMOLLM2,
+    Listener,
+    Mosquitto,
+    Node,
+    contract_node,
+    module_broker,  # noqa: F401 (a fixture)
+    reply_listener,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.model
 
@@ -30,13 +37,6 @@ QUESTIONS = (
 )
 SAME_TOKENS = 16
 SYSTEM = "You are the field assistant of a farm cooperative. Answer in plain words, briefly. " * 4
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,6 @@ def node(broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pyt
 def alone(smollm2_dirs: dict[str, Path]) -> Engine:
     """The same model in this process, answering one request at a time."""
     return Engine(smollm2_dirs["int4"].parent / SMOLLM2, threads=2, context_tokens=512)
-
-
-@pytest.fixture
-def listener(broker: Mosquitto) -> Iterator[Listener]:
-    topic = f"replies/{uuid.uuid4().hex[:8]}"
-    lst = Listener(broker.port, topic)
-    lst.reply_topic = topic  # type: ignore[attr-defined]
-    yield lst
-    lst.close()
 
 
 def send(lst: Listener, body: dict[str, object]) -> None:

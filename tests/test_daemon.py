@@ -8,14 +8,22 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.mqttlab import SMOLLM2, Listener, Mosquitto, Node, contract_node, free_port
+from tests.mqttlab import (
+    SMOLLM2,
+    Listener,
+    Mosquitto,
+    Node,
+    contract_node,
+    free_port,
+    module_broker,  # noqa: F401 (a fixture)
+    reply_listener,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.model
 
@@ -23,26 +31,10 @@ LONG = "Write a long story about a lighthouse keeper and the sea, with many deta
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
 def node(broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     n = contract_node(tmp_path_factory.mktemp("node"), broker, smollm2_dirs["int4"].parent)
     yield n
     assert n.stop() == 0, n.log.read_text()
-
-
-@pytest.fixture
-def listener(broker: Mosquitto) -> Iterator[Listener]:
-    reply_topic = f"replies/{uuid.uuid4().hex[:8]}"
-    lst = Listener(broker.port, reply_topic)
-    lst.reply_topic = reply_topic  # type: ignore[attr-defined]
-    yield lst
-    lst.close()
 
 
 def ask(lst: Listener, body: dict[str, object] | str | bytes, topic: str = "edged/pi/ask", **kw: object) -> None:

@@ -27,7 +27,13 @@ from paho.mqtt.properties import Properties
 from edged import protocol
 from edged.errors import InvalidRequest
 from edged.protocol import Defaults, Envelope, Identity, Refusal, Request
-from tests.mqttlab import Listener, Mosquitto, Node, contract_node
+from tests.mqttlab import (
+    Listener,
+    Mosquitto,
+    Node,
+    contract_node,
+    module_broker,  # noqa: F401 (a fixture)
+)
 
 # The contract's error codes (CONTRACT.md, Replies); parsing alone can only produce the first two.
 CODES = {"invalid_request", "too_long", "busy", "thermal", "power", "rate_limited", "model_unavailable", "internal"}
@@ -924,13 +930,6 @@ def rss_mb(pid: int) -> float:
 
 
 PRE_RETAINED = 12  # retained requests already on the broker when the node subscribes
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("fuzz-broker")).start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,14 @@ from typing import Any
 import pytest
 
 from edged.knowledge import MAX_PASSAGE_WORDS, KnowledgeBase, build, split
-from tests.mqttlab import Listener, Mosquitto, Node, contract_node
+from tests.mqttlab import (
+    Listener,
+    Mosquitto,
+    Node,
+    contract_node,
+    module_broker,  # noqa: F401 (a fixture)
+    reply_listener,  # noqa: F401 (a fixture)
+)
 
 REPO = Path(__file__).parent.parent
 EXAMPLE = REPO / "examples" / "crops"
@@ -85,13 +91,6 @@ def _run() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
 def node(broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     """A node serving the shipped profiles, the example base built as `crops`, and a profile whose base is
     not built."""
@@ -111,15 +110,6 @@ def node(broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pyt
     )
     yield n
     assert n.stop() == 0, n.log.read_text()
-
-
-@pytest.fixture
-def listener(broker: Mosquitto) -> Iterator[Listener]:
-    topic = f"replies/{uuid.uuid4().hex[:8]}"
-    lst = Listener(broker.port, topic)
-    lst.reply_topic = topic  # type: ignore[attr-defined]
-    yield lst
-    lst.close()
 
 
 @pytest.mark.model

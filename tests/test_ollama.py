@@ -14,7 +14,12 @@ import jsonschema
 import ollama
 import pytest
 
-from tests.mqttlab import SMOLLM2, Mosquitto, contract_node, free_port, wait_port
+from tests.mqttlab import (
+    SMOLLM2,
+    Mosquitto,
+    http_node,
+    module_broker,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.model
 
@@ -22,27 +27,11 @@ LONG = "Write a long story about a lighthouse keeper and the sea, with many deta
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
 def http_port(
     broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[int]:
     """A node with the front door on a free loopback port and a queue of one (so "full" is reachable)."""
-    port = free_port()
-    node = contract_node(
-        tmp_path_factory.mktemp("node"),
-        broker,
-        smollm2_dirs["int4"].parent,
-        queue_capacity=1,
-        http_enabled=True,
-        http_listen=f"127.0.0.1:{port}",
-    )
-    wait_port(port)
+    node, port = http_node(tmp_path_factory.mktemp("node"), broker, smollm2_dirs["int4"].parent)
     yield port
     assert node.stop() == 0, node.log.read_text()
 

@@ -14,7 +14,12 @@ import jsonschema
 import openai
 import pytest
 
-from tests.mqttlab import SMOLLM2, Mosquitto, contract_node, free_port, wait_port
+from tests.mqttlab import (
+    SMOLLM2,
+    Mosquitto,
+    http_node,
+    module_broker,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.model
 
@@ -27,26 +32,9 @@ JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
 def base_url(
     broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    port = free_port()
-    node = contract_node(
-        tmp_path_factory.mktemp("node"),
-        broker,
-        smollm2_dirs["int4"].parent,
-        queue_capacity=1,
-        http_enabled=True,
-        http_listen=f"127.0.0.1:{port}",
-        http_api_key=KEY,
-    )
-    wait_port(port)
+    node, port = http_node(tmp_path_factory.mktemp("node"), broker, smollm2_dirs["int4"].parent, http_api_key=KEY)
     yield f"http://127.0.0.1:{port}"
     assert node.stop() == 0, node.log.read_text()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
 
 
 def client(base_url: str, key: str = KEY) -> openai.OpenAI:

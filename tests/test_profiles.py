@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 from edged.config import ConfigError, load
-from tests.mqttlab import Listener, Mosquitto, Node, contract_node
+from tests.mqttlab import (
+    Listener,
+    Mosquitto,
+    Node,
+    contract_node,
+    module_broker,  # noqa: F401 (a fixture)
+    reply_listener,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.model
 
@@ -35,13 +42,6 @@ def profiles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
 def node(
     broker: Mosquitto, smollm2_dirs: dict[str, Path], profiles_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Node]:
@@ -55,15 +55,6 @@ def node(
     )
     yield n
     assert n.stop() == 0, n.log.read_text()
-
-
-@pytest.fixture
-def listener(broker: Mosquitto) -> Iterator[Listener]:
-    topic = f"replies/{uuid.uuid4().hex[:8]}"
-    lst = Listener(broker.port, topic)
-    lst.reply_topic = topic  # type: ignore[attr-defined]
-    yield lst
-    lst.close()
 
 
 def _ask(lst: Listener, **body: Any) -> dict[str, Any]:

@@ -18,18 +18,18 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.journal import Journal
-from tests.mqttlab import SMOLLM2, Listener, Mosquitto, Node, contract_node
+from tests.mqttlab import (
+    SMOLLM2,
+    Listener,
+    Mosquitto,
+    Node,
+    contract_node,
+    module_broker,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.model
 
 LONG = "Write a long story about a lighthouse keeper and the sea, with many details."
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,14 @@ import pytest
 from edged.errors import InvalidRequest
 from edged.llm import Engine, GenerationRequest, LogitsHook, Message
 from edged.structured import compile_format
-from tests.mqttlab import Listener, Mosquitto, Node, contract_node
+from tests.mqttlab import (
+    Listener,
+    Mosquitto,
+    Node,
+    contract_node,
+    module_broker,  # noqa: F401 (a fixture)
+    reply_listener,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.model
 
@@ -137,26 +143,10 @@ def test_each_sequence_gets_its_own_matcher_and_the_mask_is_cheap(engine: Engine
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path_factory.mktemp("broker")).start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
 def node(broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     n = contract_node(tmp_path_factory.mktemp("node"), broker, smollm2_dirs["int4"].parent, queue_capacity=8)
     yield n
     assert n.stop() == 0, n.log.read_text()
-
-
-@pytest.fixture
-def listener(broker: Mosquitto) -> Iterator[Listener]:
-    topic = f"replies/{uuid.uuid4().hex[:8]}"
-    lst = Listener(broker.port, topic)
-    lst.reply_topic = topic  # type: ignore[attr-defined]
-    yield lst
-    lst.close()
 
 
 def _ask(lst: Listener, body: dict[str, Any]) -> None:

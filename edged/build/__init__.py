@@ -17,11 +17,13 @@ from typing import Any
 
 import edged
 from edged.store import (
+    EMBEDDING_FILE,
     GRAPHS,
     MANIFEST,
     MODEL_FILES,
     QUANTS,
     Recipe,
+    model_files,
     read_manifest,
     sha256_file,
     verify,
@@ -31,7 +33,7 @@ from edged.store import (
 # Bump when the build's output changes for the same recipe, so cached builds are not reused.
 BUILD_FORMAT = 1
 # Bump when edged's own graph (edged.build.graph) changes.
-GRAPH_FORMAT = 2
+GRAPH_FORMAT = 3
 _TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf", "tokenizers")
 
 Log = Callable[[str], None]
@@ -164,10 +166,10 @@ def _build(recipe: Recipe, quant: str, graph: str, key: str, out: Path, work: Pa
         if int8:
             levels += f", int8 activations in {', '.join(int8)}"
         step(4, f"writing the decoder graph (GroupQueryAttention, {quant}, {levels})")
-        model, stats = build_decoder(hf_dir, quant, recipe.accuracy_level, blocks, int8)
-        onnx.save(model, str(out / "model.onnx"))
+        decoder = build_decoder(hf_dir, quant, recipe.accuracy_level, blocks, int8)
+        decoder.save(out)
         if bits is not None:
-            quant_info.update({"gguf_blocks_carried_exactly": bool(stats["exact_blocks"]), **stats})
+            quant_info.update({"gguf_blocks_carried_exactly": bool(decoder.stats["exact_blocks"]), **decoder.stats})
     else:
         step(3, "exporting to ONNX with a KV cache (optimum)")
         onnx_dir = work / "onnx"
@@ -184,7 +186,7 @@ def _build(recipe: Recipe, quant: str, graph: str, key: str, out: Path, work: Pa
             onnx.save(model, str(out / "model.onnx"))
             quant_info.update({"gguf_blocks_carried_exactly": bool(stats["exact_blocks"]), **stats})
     step(5, "writing the manifest")
-    missing = [n for n in MODEL_FILES if not (out / n).is_file()]
+    missing = [n for n in (*MODEL_FILES, *((EMBEDDING_FILE,) if graph == "gqa" else ())) if not (out / n).is_file()]
     if missing:
         raise RuntimeError(f"the build produced no {missing}")
     write_manifest(
@@ -201,7 +203,7 @@ def _build(recipe: Recipe, quant: str, graph: str, key: str, out: Path, work: Pa
             "tools": {"edged": edged.__version__, "python": sys.version.split()[0], **_tool_versions()},
         },
     )
-    size_mb = sum((out / n).stat().st_size for n in MODEL_FILES) / 1e6
+    size_mb = sum((out / n).stat().st_size for n in model_files(out)) / 1e6
     log(f"built {recipe.dir_name(quant, graph)}: {size_mb:.1f} MB in {time.monotonic() - started:.0f} s")
 
 

@@ -1,6 +1,8 @@
 """edged's own decoder graph for Llama-style models, written with the ``onnx`` package at build time.
 
-Per layer: SkipSimplifiedLayerNormalization, one packed QKV projection, GroupQueryAttention with rotary inside
+The graph starts from the token embeddings (``inputs_embeds``): the engine reads their rows from the model's
+``embedding.npy`` as it needs them, so the table is never on the heap (``edged.llm.session.Embedding``). Per
+layer: SkipSimplifiedLayerNormalization, one packed QKV projection, GroupQueryAttention with rotary inside
 on a KV buffer that is both past and present, the O projection, one packed gate/up projection, SiLU as
 Sigmoid * Mul, down. The lm_head runs only on the rows ``logit_rows`` picks (the last position when generating).
 Projections are MatMulNBits over the GGUF's own blocks, carried exactly (``quantize.BlockWeights``); a float
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +24,16 @@ from onnx import TensorProto, helper
 
 from edged.build.quantize import (
     _MIN_GATHER_ELEMENTS,
+    BLOCK,
     F32,
     BlockSource,
     BlockWeights,
-    _dequantizing_gather,
     _Graph,
     _matmul_nbits,
     _Tables,
 )
+from edged.llm.session import INPUTS_EMBEDS, embedding_table
+from edged.store import EMBEDDING_FILE
 
 OPSET = 18
 MS = "com.microsoft"
@@ -36,6 +41,10 @@ MS = "com.microsoft"
 SEQLENS_K = "seqlens_k"  # int32 [batch]: total length - 1 per sequence
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar
 LOGIT_ROWS = "logit_rows"  # int64 [rows]: rows of the flattened [batch * seq] positions to compute logits for
+# A projection whose weights exceed this runs as several nodes, each on a slice of the outputs: onnxruntime
+# holds a weight's unpacked bytes beside its prepacked ones while it loads (SmolLM2's 32 MB lm_head as one
+# node: the daemon's peak RSS 49 MB above what it holds afterwards; as four, 17 MB).
+_MAX_NODE_WEIGHT_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -128,8 +137,8 @@ class _Writer:
         self.g = _Graph(model)
         self.nodes: list[onnx.NodeProto] = []
         self.block_sums: dict[str, str] = {}
-        self._tables: dict[bytes, _Tables] = {}
-        self.stats = {"matmul_nbits": 0, "exact_blocks": 0, "requantized": 0, "residual_paths": 0, "gathers": 0}
+        self._blocks: dict[bytes, BlockWeights] = {}
+        self.stats = {"matmul_nbits": 0, "exact_blocks": 0, "requantized": 0, "residual_paths": 0}
 
     def op(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> list[str]:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=self.g.fresh(op), domain=domain, **attrs))
@@ -142,54 +151,62 @@ class _Writer:
         """The accuracy level of the projection ``key`` (``model.layers.3.mlp.down_proj``, ``lm_head``)."""
         return 4 if key.rsplit(".", 1)[-1] in self.int8_activations else self.level
 
-    def tables(self, key: str, weights: list[tuple[str, str, F32]], level: int) -> _Tables:
-        """The blocks of ``weights`` ([N_i, K] rows each, with their graph names) stacked along N, stored
-        for a MatMulNBits at ``level``: 8-bit blocks stay whole at level 4, where onnxruntime runs them
-        fast (SmolLM2's lm_head: 0.64 ms a token, against 0.84 ms as two 4-bit halves, and 1.0 against
-        2.2 ms for four rows), and become two 4-bit halves at level 0, where it does not."""
+    def blocks(self, weights: list[tuple[str, str, F32]]) -> BlockWeights:
+        """The blocks of ``weights`` ([N_i, K] rows each, with their graph names) stacked along N: the GGUF's
+        own, or requantized. Converted once per content, so a tied lm_head gets the embedding's blocks."""
         rows = np.concatenate([w for _, _, w in weights], axis=0)
         digest = hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=16).digest()
-        if digest not in self._tables:
+        if digest not in self._blocks:
             blocks = []
             for init_name, node_name, w in weights:
                 bw = self.source(init_name, node_name, w)
                 self.stats["exact_blocks" if bw is not None else "requantized"] += 1
                 blocks.append(bw or BlockWeights.quantize(w, self.bits))
-            bw = _stack(blocks)
-            parts = bw.nibbles() if bw.bits == 8 and level == 0 else (bw,)
-            self._tables[digest] = _Tables(key, parts)
-        return self._tables[digest]
+            self._blocks[digest] = _stack(blocks)
+        return self._blocks[digest]
 
     def project(self, x: str, y: str, key: str, weights: list[tuple[str, str, F32]]) -> str:
-        """y = x @ W.T for the rows of ``weights`` stacked along N: one MatMulNBits (or one float MatMul).
+        """y = x @ W.T for the rows of ``weights`` stacked along N: one MatMulNBits (or one float MatMul), or
+        one per slice of N and a Concat when the weights exceed ``_MAX_NODE_WEIGHT_BYTES``.
 
         A Q4_1 remainder costs one block sum of ``x`` (shared by every projection that reads ``x``) and one
-        small MatMul for the whole stack, not one per projection.
+        small MatMul for the whole stack, not one per projection. 8-bit blocks stay whole at level 4, where
+        onnxruntime runs them fast (SmolLM2's lm_head: 0.64 ms a token, against 0.84 ms as two 4-bit halves,
+        and 1.0 against 2.2 ms for four rows), and become two 4-bit halves at level 0, where it does not.
         """
         if self.quant == "fp32":
             stacked = np.concatenate([w for _, _, w in weights], axis=0)
-            self.op("MatMul", [x, self.const(f"{key}.weight_t", np.ascontiguousarray(stacked.T))], [y])
-            return y
-        level = self.level_of(key)
-        t = self.tables(key, weights, level)
-        matmul = helper.make_node("MatMul", [x, ""], [y])  # only its input and output names are read
-        self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums))
-        self.stats["matmul_nbits"] += len(t.parts)
-        self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
+            slices = _slices(stacked.shape[0], stacked.nbytes)
+            outputs = [y] if len(slices) == 1 else [f"{y}/n{i}" for i in range(len(slices))]
+            for (start, stop), out in zip(slices, outputs, strict=True):
+                weight_t = np.ascontiguousarray(stacked[start:stop].T)
+                self.op("MatMul", [x, self.const(f"{key}.n{start}.weight_t", weight_t)], [out])
+        else:
+            level = self.level_of(key)
+            bw = self.blocks(weights)
+            slices = _slices(bw.shape[0], bw.nbytes)
+            outputs = [y] if len(slices) == 1 else [f"{y}/n{i}" for i in range(len(slices))]
+            for (start, stop), out in zip(slices, outputs, strict=True):
+                part = bw.rows(start, stop)
+                t = _Tables(f"{key}.n{start}", part.nibbles() if part.bits == 8 and level == 0 else (part,))
+                matmul = helper.make_node("MatMul", [x, ""], [out])  # only its input and output names are read
+                self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums))
+                self.stats["matmul_nbits"] += len(t.parts)
+                self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
+        if len(outputs) > 1:
+            self.op("Concat", outputs, [y], axis=-1)
         return y
 
-    def embed(self, ids: str, out: str, table: F32, level: int) -> str:
-        """The embedding Gather; ``level`` is that of the lm_head, which shares a tied table."""
+    def embedding(self, table: F32) -> np.ndarray[Any, Any]:
+        """The records of ``embedding.npy``: the float rows of an fp32 build or a small table (as
+        ``quantize_model`` leaves them), else the blocks a tied lm_head holds too, centred on their zero points
+        (``W = (q - zero) * scale + residual``, one rounding)."""
         if self.quant == "fp32" or table.size < _MIN_GATHER_ELEMENTS:
-            self.op("Gather", [self.const("model.embed_tokens.weight", table), ids], [out], axis=0)
-            return out
-        t = self.tables(
-            "model.embed_tokens.weight", [("model.embed_tokens.weight", "/model/embed_tokens/Gather", table)], level
-        )
-        gather = helper.make_node("Gather", [t.key, ids], [out])
-        self.nodes.extend(_dequantizing_gather(self.g, gather, t))
-        self.stats["gathers"] += 1
-        return out
+            return embedding_table(table)
+        bw = self.blocks([("model.embed_tokens.weight", "/model/embed_tokens/Gather", table)])
+        n, k = bw.shape
+        centred = bw.q.reshape(n, k // BLOCK, BLOCK).astype(np.int16) - bw.zero[..., None]
+        return embedding_table(centred.reshape(n, k).astype(np.int8), bw.scale, bw.residual)
 
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
         graph = self.g.graph
@@ -197,6 +214,12 @@ class _Writer:
         graph.input.extend(inputs)
         graph.output.extend(outputs)
         return self.g.model
+
+
+def _slices(rows: int, nbytes: int) -> list[tuple[int, int]]:
+    """Equal slices of ``rows`` outputs, each holding at most ``_MAX_NODE_WEIGHT_BYTES`` of the ``nbytes``."""
+    size = math.ceil(rows / max(1, math.ceil(nbytes / _MAX_NODE_WEIGHT_BYTES)))
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 def _stack(blocks: list[BlockWeights]) -> BlockWeights:
@@ -217,21 +240,34 @@ def _stack(blocks: list[BlockWeights]) -> BlockWeights:
     )
 
 
+@dataclass(frozen=True)
+class Decoder:
+    """A written decoder: its graph, its embedding table and what was converted (for the manifest)."""
+
+    model: onnx.ModelProto
+    embedding: np.ndarray[Any, Any]
+    stats: dict[str, Any]
+
+    def save(self, out: Path) -> Path:
+        """Writes ``model.onnx`` and ``embedding.npy`` into ``out``; returns the graph's path."""
+        out.mkdir(parents=True, exist_ok=True)
+        onnx.save(self.model, str(out / "model.onnx"))
+        np.save(out / EMBEDDING_FILE, self.embedding)
+        return out / "model.onnx"
+
+
 def build_decoder(
     hf_dir: Path, quant: str, accuracy_level: int, source: BlockSource, int8_activations: tuple[str, ...] = ()
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The decoder graph of the transformers model in ``hf_dir``; ``source`` gives a weight's GGUF blocks.
-    The projections named in ``int8_activations`` run at accuracy level 4 (int8 activations), the rest at
-    ``accuracy_level``.
-
-    Returns the model and what was converted (for the manifest).
-    """
+) -> Decoder:
+    """The decoder of the transformers model in ``hf_dir``; ``source`` gives a weight's GGUF blocks. The
+    projections named in ``int8_activations`` run at accuracy level 4 (int8 activations), the rest at
+    ``accuracy_level``."""
     shape = DecoderShape.from_config(json.loads((hf_dir / "config.json").read_text()))
     weights = load_hf_weights(hf_dir)
     w = _Writer(quant, accuracy_level, source, int8_activations)
     kv_shape: list[int | str] = ["batch", shape.kv_heads, "max_length", shape.head_dim]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(INPUTS_EMBEDS, TensorProto.FLOAT, ["batch", "sequence", shape.hidden]),
         helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
         helper.make_tensor_value_info(LOGIT_ROWS, TensorProto.INT64, ["rows"]),
@@ -252,7 +288,8 @@ def build_decoder(
         return weights[name]
 
     embed_table = rows("model.embed_tokens.weight")
-    residual = w.embed("input_ids", "/model/embed_tokens/output", embed_table, w.level_of("lm_head"))
+    embedding = w.embedding(embed_table)  # first: a tied lm_head then finds its blocks converted
+    residual = INPUTS_EMBEDS
     mlp_out: str | None = None
     for i in range(shape.layers):
         p = f"model.layers.{i}"
@@ -317,5 +354,4 @@ def build_decoder(
     (picked3,) = w.op("Unsqueeze", [picked, w.const("axes.first", np.array([0], np.int64))], ["/picked3"])
     head_rows = embed_table if shape.tied or "lm_head.weight" not in weights else rows("lm_head.weight")
     w.project(picked3, "logits", "lm_head", [("lm_head.weight", "/lm_head/MatMul", head_rows)])
-    model = w.model(inputs, outputs)
-    return model, {"graph": "gqa", **w.stats}
+    return Decoder(w.model(inputs, outputs), embedding, {"graph": "gqa", "embedding": EMBEDDING_FILE, **w.stats})

@@ -72,6 +72,17 @@ class BlockWeights:
         q = np.clip(np.rint(blocks / safe[..., None]) + zero[..., None], 0, qmax)
         return cls(bits, q.reshape(n, k).astype(np.uint8), scale, zero.astype(np.uint8), None)
 
+    @property
+    def nbytes(self) -> int:
+        """What a MatMulNBits holds of these weights: packed values, scales and zero points."""
+        n, k = self.shape
+        return n * (k * self.bits // 8 + k // BLOCK * 5)
+
+    def rows(self, start: int, stop: int) -> BlockWeights:
+        """Rows ``start`` to ``stop`` (outputs of a slice of N)."""
+        residual = self.residual[start:stop] if self.residual is not None else None
+        return BlockWeights(self.bits, self.q[start:stop], self.scale[start:stop], self.zero[start:stop], residual)
+
     def dequantize(self) -> F32:
         n, k = self.shape
         q = self.q.reshape(n, k // BLOCK, BLOCK).astype(np.float32)

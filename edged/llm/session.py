@@ -19,6 +19,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from edged.errors import ModelUnavailable
+from edged.store import EMBEDDING_FILE
 
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
@@ -27,6 +28,7 @@ _PRESENT_PREFIX = "present."
 _SEQLENS_K = "seqlens_k"
 _TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 _LOGIT_ROWS = "logit_rows"
+INPUTS_EMBEDS = "inputs_embeds"  # edged's graph starts from the embeddings of its tokens, [batch, seq, hidden]
 _LAYER = re.compile(r"past_key_values\.(\d+)\.\w+")
 Logits = npt.NDArray[np.float32]
 log = logging.getLogger(__name__)
@@ -205,6 +207,66 @@ class KVBuffer:
 
 Cache = KVCache | KVBuffer
 
+
+def embedding_table(
+    values: npt.NDArray[np.generic],
+    scale: npt.NDArray[np.float32] | None = None,
+    residual: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.void]:
+    """The records of a model's ``embedding.npy``, one per token, so that a token's row is one read.
+
+    Either the float rows (``values`` [vocab, hidden] float32), or blocks of 32 along hidden: ``values``
+    int8 [vocab, hidden] centred on their zero points and ``scale`` float32 [vocab, hidden / 32], with a
+    ``residual`` of the same shape where a block needs one (GGUF's Q4_1); a row is ``values * scale +
+    residual``, block by block.
+    """
+    vocab, hidden = values.shape
+    fields: list[tuple[str, str, tuple[int, ...]]] = [("values", values.dtype.str, (hidden,))]
+    extra = {"scale": scale, "residual": residual}
+    fields += [(name, "<f4", array.shape[1:]) for name, array in extra.items() if array is not None]
+    table = np.empty(vocab, dtype=np.dtype(fields))
+    table["values"] = values
+    for name, array in extra.items():
+        if array is not None:
+            table[name] = array
+    return table
+
+
+class Embedding:
+    """A model's token embeddings, read from its ``embedding.npy`` as tokens need them.
+
+    The table is mapped, not loaded: only the pages of tokens in use become resident, and they are the
+    page cache's, which the kernel can take back (SmolLM2-135M's table: 31 MB; onnxruntime held all of it).
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._table: npt.NDArray[np.void] = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"cannot read the embedding table {path}: {exc}") from exc
+        names = self._table.dtype.names or ()
+        if "values" not in names or self._table.ndim != 1:
+            raise ModelUnavailable(f"{path} is not an embedding table (records with values, per token)")
+        self._blocks = "scale" in names
+        self._residual = "residual" in names
+        self.vocab = int(self._table.shape[0])
+        self.hidden = int(self._table.dtype["values"].shape[0])
+
+    def __call__(self, token_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The embeddings of ``token_ids`` [rows, seq]: [rows, seq, hidden] float32."""
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab):
+            raise ValueError(f"token ids must be in 0 to {self.vocab - 1}")
+        records = self._table[token_ids.reshape(-1)]
+        values = records["values"].astype(np.float32)
+        if self._blocks:
+            blocked = values.reshape(len(records), -1, values.shape[1] // records["scale"].shape[1])
+            blocked = blocked * records["scale"][..., None]
+            if self._residual:
+                blocked = blocked + records["residual"][..., None]
+            values = blocked.reshape(values.shape)
+        return values.reshape(*token_ids.shape, self.hidden)
+
+
 # A prepared copy of a model: onnxruntime's optimized graph with the prepacked weights in its data file.
 _PREPARED_GRAPH, _PREPARED_DATA = "model.onnx", "model.data"
 # /proc/cpuinfo fields that decide which kernels, and so which prepacked layouts, onnxruntime picks.
@@ -327,13 +389,15 @@ class DecoderSession:
         inputs = {i.name: i for i in self._session.get_inputs()}
         self._shared_kv = _SEQLENS_K in inputs
         required = (
-            {"input_ids", _SEQLENS_K, _TOTAL_SEQUENCE_LENGTH, _LOGIT_ROWS}
+            {INPUTS_EMBEDS, _SEQLENS_K, _TOTAL_SEQUENCE_LENGTH, _LOGIT_ROWS}
             if self._shared_kv
             else {"input_ids", "attention_mask"}
         )
         missing = required - inputs.keys()
         if missing:
-            raise ModelUnavailable(f"{model_path} is not a decoder with a KV cache (no {sorted(missing)})")
+            hint = "; rebuild it with `edged model build`" if self._shared_kv else ""
+            raise ModelUnavailable(f"{model_path} is not a decoder with a KV cache (no {sorted(missing)}){hint}")
+        self._embedding = Embedding(model_path.parent / EMBEDDING_FILE) if self._shared_kv else None
         self._has_positions = "position_ids" in inputs
         outputs = [o.name for o in self._session.get_outputs()]
         self._past_to_present: dict[str, str] = {}
@@ -421,7 +485,7 @@ class DecoderSession:
         if max(totals) > cache.capacity:
             raise ValueError(f"a slot would need {max(totals)} positions; the batch holds {cache.capacity}")
         binding = self._shared_binding(cache, 0, rows)
-        binding.bind_cpu_input("input_ids", np.asarray([[t or 0] for t in tokens], dtype=np.int64))
+        self._bind_embeddings(binding, np.asarray([[t or 0] for t in tokens], dtype=np.int64))
         # Right padding: each row's new token lands at its own length; GroupQueryAttention reads the lengths.
         binding.bind_cpu_input(_SEQLENS_K, np.asarray(totals, dtype=np.int32) - 1)
         binding.bind_cpu_input(_TOTAL_SEQUENCE_LENGTH, np.array(max(totals), dtype=np.int32))
@@ -481,7 +545,7 @@ class DecoderSession:
         total = cache.lengths[slot] + len(token_ids)
         cache.reserve(total, slot)
         binding = self._shared_binding(cache, slot, 1)
-        binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        self._bind_embeddings(binding, np.asarray([token_ids], dtype=np.int64))
         # One sequence, right-aligned at 0: GroupQueryAttention derives the positions from these lengths.
         binding.bind_cpu_input(_SEQLENS_K, np.array([total - 1], dtype=np.int32))
         binding.bind_cpu_input(_TOTAL_SEQUENCE_LENGTH, np.array(total, dtype=np.int32))
@@ -492,6 +556,10 @@ class DecoderSession:
         cache.advance(total, slot)
         logits: npt.NDArray[np.float32] = binding.get_outputs()[0].numpy()
         return logits  # [1, rows, vocab]
+
+    def _bind_embeddings(self, binding: ort.IOBinding, token_ids: npt.NDArray[np.int64]) -> None:
+        assert self._embedding is not None  # every graph with a shared KV buffer has one
+        binding.bind_cpu_input(INPUTS_EMBEDS, self._embedding(token_ids))
 
     def _shared_binding(self, cache: KVBuffer, slot: int, rows: int) -> ort.IOBinding:
         """A binding of every past and present to ``rows`` slots of ``cache`` from ``slot`` on, kept while the

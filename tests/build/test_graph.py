@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from edged.build import build_key, build_model
 from edged.build.graph import build_decoder
 from edged.build.quantize import BLOCK, F32, BlockSource, BlockWeights, quantize_model
 from edged.evaluate import agreement
 from edged.llm import Engine, GenerationRequest, Message
-from edged.llm.session import DecoderSession, KVBuffer, KVCache
+from edged.llm.session import DecoderSession, Embedding, KVBuffer, KVCache
 from edged.store import Recipe
 
 TEXT = "Tomatoes wilt in hot weather; water them early in the morning. Grüße aus München!"
@@ -101,17 +102,17 @@ def test_q4_1_remainders_are_exact_and_shared_per_input(tiny_models: dict[str, P
     quantize_model(optimum, 4, 0, _q4_1(asked_optimum))
     onnx.save(optimum, str(tmp_path / "optimum.onnx"))
     hf_dir = (tiny_models["fp32"].parent / "../hf").resolve()
-    gqa, stats = build_decoder(hf_dir, "int4", 0, _q4_1(asked_gqa))
-    onnx.save(gqa, str(tmp_path / "gqa.onnx"))
+    gqa = build_decoder(hf_dir, "int4", 0, _q4_1(asked_gqa))
     assert sorted(asked_gqa) == sorted(asked_optimum), "the same weights, looked up by the same names"
 
-    ops = Counter(n.op_type for n in gqa.graph.node)
+    ops = Counter(n.op_type for n in gqa.model.graph.node)
     layers = 2
     assert ops["ReduceSum"] == ops["MatMul"] == 4 * layers + 1, "one remainder per input, plus the lm_head's"
-    assert stats["residual_paths"] == 4 * layers + 1
+    assert gqa.stats["residual_paths"] == 4 * layers + 1
 
     ids = Engine(tiny_models["fp32"]).tokenizer.encode(TEXT)
-    sessions = [DecoderSession(tmp_path / f"{name}.onnx", threads=1) for name in ("optimum", "gqa")]
+    paths = [tmp_path / "optimum.onnx", gqa.save(tmp_path / "gqa")]
+    sessions = [DecoderSession(path, threads=1) for path in paths]
     reference, ours = (s.forward(ids, s.new_cache()) for s in sessions)
     _close(ours, reference, 1e-5)
 
@@ -121,25 +122,26 @@ def test_8bit_weights_stay_whole_where_activations_are_int8(tiny_models: dict[st
     MatMulNBits, while 8-bit projections at level 0 run as two
     exact 4-bit halves. Both hold the same weights: the logits differ by the head's int8 activations only."""
     hf_dir = (tiny_models["fp32"].parent / "../hf").resolve()
-    graphs = {
-        name: build_decoder(hf_dir, "int8", 0, lambda *_: None, int8)[0]
+    decoders = {
+        name: build_decoder(hf_dir, "int8", 0, lambda *_: None, int8)
         for name, int8 in (("float", ()), ("int8_head", ("lm_head",)))
     }
-    nodes = graphs["int8_head"].graph.node
+    nodes = decoders["int8_head"].model.graph.node
     head = [n for n in nodes if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")]
     attrs = {a.name: a.i for a in head[0].attribute} if head else {}
     assert len(head) == 1 and attrs["bits"] == 8 and attrs["accuracy_level"] == 4, head
     for kind in ("/qkv/", "/o/", "/gate_up/", "/down/"):
         parts = [n for n in nodes if n.op_type == "MatMulNBits" and kind in n.output[0] and "layers.0/" in n.output[0]]
         assert [{a.name: a.i for a in n.attribute}["bits"] for n in parts] == [4, 4], kind
-    float_head = [n for n in graphs["float"].graph.node if n.op_type == "MatMulNBits" and "logits" in n.output[0]]
+    float_head = [
+        n for n in decoders["float"].model.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output[0]
+    ]
     assert len(float_head) == 2
 
     ids = Engine(tiny_models["fp32"]).tokenizer.encode(TEXT)
     logits = {}
-    for name, model in graphs.items():
-        onnx.save(model, str(tmp_path / f"{name}.onnx"))
-        session = DecoderSession(tmp_path / f"{name}.onnx", threads=1)
+    for name, decoder in decoders.items():
+        session = DecoderSession(decoder.save(tmp_path / name), threads=1)
         logits[name] = session.forward(ids, session.new_cache())
     _close(logits["int8_head"], logits["float"], 2e-2)
     _close(logits["float"], _logits(tiny_models["int8"], ids), 1e-5)
@@ -189,10 +191,19 @@ def test_smollm2_default_build_carries_the_gguf_blocks_exactly(
     manifest = json.loads((smollm2_dirs["int4"] / "manifest.json").read_text())
     assert manifest["graph"] == "gqa"
     assert manifest["quantization"]["requantized"] == 0 and manifest["quantization"]["exact_blocks"] > 200
-    nodes = onnx.load(str(smollm2_dirs["int4"] / "model.onnx")).graph.node
-    head = [n for n in nodes if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")]
-    assert [{a.name: a.i for a in n.attribute}["bits"] for n in head] == [8], "the Q8_0 head is one 8-bit node"
-    assert head[0].input[1] in {n.input[0] for n in nodes if n.op_type == "Gather"}, "the tied embedding shares it"
+    graph = onnx.load(str(smollm2_dirs["int4"] / "model.onnx")).graph
+    head = [n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")]
+    attrs = [{a.name: a.i for a in n.attribute} for n in head]
+    assert [(a["bits"], a["N"]) for a in attrs] == [(8, 49152 // 4)] * 4, "the Q8_0 head: 8-bit nodes of <= 8 MB"
+    assert "Gather" not in {n.op_type for n in graph.node if n.output[0].startswith("/model/embed")}
+    # The tied embedding is the head's blocks, read from embedding.npy: row t of both is the same, exactly.
+    inits = {i.name: i for i in graph.initializer}
+    q = numpy_helper.to_array(inits[head[1].input[1]]).reshape(49152 // 4, -1)  # tokens 12288 .. 24575
+    scale = numpy_helper.to_array(inits[head[1].input[2]]).reshape(len(q), -1)
+    tokens = np.arange(0, len(q), 97)
+    want = (q[tokens].astype(np.float32) - 128).reshape(len(tokens), -1, BLOCK) * scale[tokens][..., None]
+    got = Embedding(smollm2_dirs["int4"] / "embedding.npy")(tokens[None, :] + len(q))[0]
+    assert np.array_equal(got, want.reshape(len(tokens), -1))
     fp32 = Engine(smollm2_dirs["fp32"], threads=2)
     exact = Engine(smollm2_float, threads=2)
     for prompt in PROMPTS:

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged.llm.session import DecoderSession, _kv_lag, prepared_copy
+from edged.build.graph import _Writer
+from edged.errors import ModelUnavailable
+from edged.llm.session import DecoderSession, Embedding, _kv_lag, prepared_copy
+from tests.build.test_quantize import q4_1_blocks, q8_0_blocks
 
 PEAK_LIMIT_MB = 500
 # What a 2,048-token context may keep after the request: the arena's decode-sized regions, not the prompt's.
@@ -162,3 +165,28 @@ def test_a_rebuilt_model_replaces_its_copy_and_leaves_other_models_copies(
     DecoderSession(model, prepared_dir=prepared)
     assert not old.exists() and prepared_copy(model, prepared).is_dir()
     assert prepared_copy(other, prepared).is_dir()
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "float"])
+def test_the_embedding_file_gives_the_blocks_rows(tmp_path: Path, kind: str) -> None:
+    """edged's graph starts from embeddings the engine reads from embedding.npy: each token's row is its
+    blocks' value (Q4_1 with its remainder, Q8_0), or the float row of an fp32 build, exactly."""
+    vocab, hidden = 2048, 576  # over the size below which a table stays float
+    blocks = {"q4_1": q4_1_blocks, "q8_0": q8_0_blocks}.get(kind, lambda n, k: None)(vocab, hidden)
+    rows = blocks.dequantize() if blocks is not None else np.random.default_rng(1).normal(size=(vocab, hidden))
+    writer = _Writer("int4" if blocks is not None else "fp32", 0, lambda *_: blocks, ())
+    np.save(tmp_path / "embedding.npy", writer.embedding(rows.astype(np.float32)))
+    ids = np.array([[0, 7, 2047], [5, 5, 1000]])
+    got = Embedding(tmp_path / "embedding.npy")(ids)
+    assert got.shape == (2, 3, hidden) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, rows.astype(np.float32)[ids])
+    with pytest.raises(ValueError, match="in 0 to 2047"):
+        Embedding(tmp_path / "embedding.npy")(np.array([[2048]]))
+
+
+def test_a_missing_or_foreign_embedding_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="cannot read the embedding table"):
+        Embedding(tmp_path / "embedding.npy")
+    np.save(tmp_path / "embedding.npy", np.zeros((4, 8), np.float32))
+    with pytest.raises(ModelUnavailable, match="not an embedding table"):
+        Embedding(tmp_path / "embedding.npy")

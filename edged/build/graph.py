@@ -42,8 +42,8 @@ SEQLENS_K = "seqlens_k"  # int32 [batch]: total length - 1 per sequence
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar
 LOGIT_ROWS = "logit_rows"  # int64 [rows]: rows of the flattened [batch * seq] positions to compute logits for
 # A projection whose weights exceed this runs as several nodes, each on a slice of the outputs: onnxruntime
-# holds a weight's unpacked bytes beside its prepacked ones while it loads (SmolLM2's 32 MB lm_head as one
-# node: the daemon's peak RSS 49 MB above what it holds afterwards; as four, 17 MB).
+# holds a node's unpacked weights beside their packed layout while it loads (SmolLM2's session from its
+# prepared copy peaked 66 MB above what it keeps with its 32 MB lm_head as one node, 17 MB with four).
 _MAX_NODE_WEIGHT_BYTES = 8 << 20
 
 

@@ -6,11 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from edged.store import BundleError, install, pack, verify
+from edged.build import build_model
+from edged.llm.session import DecoderSession
+from edged.store import BundleError, Recipe, install, pack, verify
 
 
 def edged(*args: str) -> subprocess.CompletedProcess[str]:
@@ -91,3 +94,27 @@ def test_a_corrupted_model_is_not_packed(tiny_models: dict[str, Path], tmp_path:
     (models / "tiny" / "config.json").write_text("{}")
     with pytest.raises(BundleError, match="fails verification"):
         pack(models, "tiny", tmp_path / "x.tar")
+
+
+def test_a_gqa_build_travels_with_its_embedding_table(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A gqa build's embedding.npy is one of its files: in its manifest, packed, checked on install, and
+    missing when it is gone."""
+    models_dir = tiny_models["fp32"].parent
+    built = build_model(
+        Recipe.load(models_dir / "tiny.toml"), "int4", models_dir, models_dir.parent / "cache", print, graph="gqa"
+    )
+    source = tmp_path / "src"
+    shutil.copytree(built, source / "tiny")
+    bundle = pack(source, "tiny", tmp_path / "tiny-gqa.edged.tar")
+    with tarfile.open(bundle) as tar:
+        assert "tiny/embedding.npy" in tar.getnames()
+    models = tmp_path / "live"
+    install(models, bundle)
+    assert (
+        verify(models / "tiny") == []
+        and "embedding.npy" in json.loads((models / "tiny" / "manifest.json").read_text())["files"]
+    )
+    assert DecoderSession(models / "tiny" / "model.onnx").batches
+
+    (source / "tiny" / "embedding.npy").unlink()
+    assert verify(source / "tiny") == ["embedding.npy: missing"]

@@ -232,7 +232,7 @@ def pack(models_dir: Path, name: str, out: Path) -> Path:
         raise BundleError(f"{name} fails verification, not packing it: {'; '.join(problems)}")
     partial = out.with_name(out.name + ".partial")
     with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
-        for file in (*model_files(model_dir), MANIFEST):
+        for file in (*sorted(read_manifest(model_dir)["files"]), MANIFEST):  # what verify has just checked
             tar.add(model_dir / file, arcname=f"{name}/{file}", recursive=False)
     partial.replace(out)
     return out

@@ -37,13 +37,14 @@ from edged.store import EMBEDDING_FILE
 
 OPSET = 18
 MS = "com.microsoft"
-# The graph's interface, read by edged.llm.session (a graph with SEQLENS_K gets the shared KV buffer).
+# The graph's interface, read by edged.llm.session (a graph with SEQLENS_K gets the shared KV buffer), with
+# session.INPUTS_EMBEDS, float32 [batch, seq, hidden]: the tokens' rows of embedding.npy.
 SEQLENS_K = "seqlens_k"  # int32 [batch]: total length - 1 per sequence
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar
 LOGIT_ROWS = "logit_rows"  # int64 [rows]: rows of the flattened [batch * seq] positions to compute logits for
-# A projection whose weights exceed this runs as several nodes, each on a slice of the outputs: onnxruntime
-# holds a node's unpacked weights beside their packed layout while it loads (SmolLM2's session from its
-# prepared copy peaked 66 MB above what it keeps with its 32 MB lm_head as one node, 17 MB with four).
+# A projection whose weights exceed this (8 MiB) runs as several nodes, each on a slice of the outputs:
+# onnxruntime holds a node's unpacked weights beside their packed layout while it loads (SmolLM2's session
+# from its prepared copy peaked 66 MB above what it keeps with its 32 MB lm_head as one node, 17 MB with four).
 _MAX_NODE_WEIGHT_BYTES = 8 << 20
 
 
@@ -170,7 +171,7 @@ class _Writer:
         one per slice of N and a Concat when the weights exceed ``_MAX_NODE_WEIGHT_BYTES``.
 
         A Q4_1 remainder costs one block sum of ``x`` (shared by every projection that reads ``x``) and one
-        small MatMul for the whole stack, not one per projection. 8-bit blocks stay whole at level 4, where
+        small MatMul for the whole stack (per slice), not one per projection. 8-bit blocks stay whole at level 4, where
         onnxruntime runs them fast (SmolLM2's lm_head: 0.64 ms a token, against 0.84 ms as two 4-bit halves,
         and 1.0 against 2.2 ms for four rows), and become two 4-bit halves at level 0, where it does not.
         """
@@ -205,8 +206,10 @@ class _Writer:
             return embedding_table(table)
         bw = self.blocks([("model.embed_tokens.weight", "/model/embed_tokens/Gather", table)])
         n, k = bw.shape
-        centred = bw.q.reshape(n, k // BLOCK, BLOCK).astype(np.int16) - bw.zero[..., None]
-        return embedding_table(centred.reshape(n, k).astype(np.int8), bw.scale, bw.residual)
+        centred = (bw.q.reshape(n, k // BLOCK, BLOCK).astype(np.int16) - bw.zero[..., None]).reshape(n, k)
+        # int8 holds GGUF's Q8_0 (zero 128) and every 4-bit table; requantized 8-bit zero points need int16.
+        fits = centred.min() >= -128 and centred.max() <= 127
+        return embedding_table(centred.astype(np.int8 if fits else np.int16), bw.scale, bw.residual)
 
     def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
         graph = self.g.graph
@@ -217,7 +220,7 @@ class _Writer:
 
 
 def _slices(rows: int, nbytes: int) -> list[tuple[int, int]]:
-    """Equal slices of ``rows`` outputs, each holding at most ``_MAX_NODE_WEIGHT_BYTES`` of the ``nbytes``."""
+    """Equal slices of ``rows`` outputs, as few as hold about ``_MAX_NODE_WEIGHT_BYTES`` of the ``nbytes`` each."""
     size = math.ceil(rows / max(1, math.ceil(nbytes / _MAX_NODE_WEIGHT_BYTES)))
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
@@ -240,7 +243,7 @@ def _stack(blocks: list[BlockWeights]) -> BlockWeights:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Decoder:
     """A written decoder: its graph, its embedding table and what was converted (for the manifest)."""
 

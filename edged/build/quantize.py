@@ -19,7 +19,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 BLOCK = 32
-# Smaller Gathers (position tables, norms) are not worth a dequantizing subgraph.
+# Smaller Gathers (position tables, norms) are not worth a dequantizing subgraph; smaller embedding tables of
+# edged's graph stay float rows in embedding.npy.
 _MIN_GATHER_ELEMENTS = 1 << 20
 
 F32 = npt.NDArray[np.float32]

@@ -259,7 +259,8 @@ class Embedding:
         records = self._table[token_ids.reshape(-1)]
         values = records["values"].astype(np.float32)
         if self._blocks:
-            blocked = values.reshape(len(records), -1, values.shape[1] // records["scale"].shape[1])
+            blocks = records.dtype["scale"].shape[0]
+            blocked = values.reshape(len(records), blocks, self.hidden // blocks)
             blocked = blocked * records["scale"][..., None]
             if self._residual:
                 blocked = blocked + records["residual"][..., None]
@@ -394,10 +395,20 @@ class DecoderSession:
             else {"input_ids", "attention_mask"}
         )
         missing = required - inputs.keys()
+        if self._shared_kv and missing == {INPUTS_EMBEDS} and "input_ids" in inputs:
+            raise ModelUnavailable(
+                f"{model_path} was built by an older edged (its graph gathers its own embeddings); rebuild it with "
+                "`edged model build`, or install a bundle built by this version"
+            )
         if missing:
-            hint = "; rebuild it with `edged model build`" if self._shared_kv else ""
-            raise ModelUnavailable(f"{model_path} is not a decoder with a KV cache (no {sorted(missing)}){hint}")
-        self._embedding = Embedding(model_path.parent / EMBEDDING_FILE) if self._shared_kv else None
+            raise ModelUnavailable(f"{model_path} is not a decoder with a KV cache (no {sorted(missing)})")
+        self._embedding = None
+        if self._shared_kv:
+            self._embedding = Embedding(model_path.parent / EMBEDDING_FILE)
+            width, hidden = inputs[INPUTS_EMBEDS].shape[-1], self._embedding.hidden
+            if width != hidden:
+                table = model_path.parent / EMBEDDING_FILE
+                raise ModelUnavailable(f"{table} has rows of {hidden}; the graph reads {width}")
         self._has_positions = "position_ids" in inputs
         outputs = [o.name for o in self._session.get_outputs()]
         self._past_to_present: dict[str, str] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,9 +12,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edged.build import build_key, build_model
+from edged.build import build_key, build_model, graph
 from edged.build.graph import build_decoder
 from edged.build.quantize import BLOCK, F32, BlockSource, BlockWeights, quantize_model
+from edged.errors import ModelUnavailable
 from edged.evaluate import agreement
 from edged.llm import Engine, GenerationRequest, Message
 from edged.llm.session import DecoderSession, Embedding, KVBuffer, KVCache
@@ -147,6 +149,54 @@ def test_8bit_weights_stay_whole_where_activations_are_int8(tiny_models: dict[st
     _close(logits["float"], _logits(tiny_models["int8"], ids), 1e-5)
 
 
+@pytest.mark.parametrize(("quant", "source"), [("int4", "q4_1"), ("int8", "float"), ("fp32", "float")])
+def test_large_projections_run_as_slices_with_the_same_logits(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str, source: str
+) -> None:
+    """A projection over the node size runs as slices of its outputs and a Concat: the same logits, with
+    each slice's Q4_1 remainder and 8-bit halves in place. The limit is lowered so the tiny model is cut."""
+    hf_dir = (tiny_models["fp32"].parent / "../hf").resolve()
+    blocks = _q4_1([]) if source == "q4_1" else (lambda *_: None)
+    whole = build_decoder(hf_dir, quant, 0, blocks)
+    monkeypatch.setattr(graph, "_MAX_NODE_WEIGHT_BYTES", 512)
+    sliced = build_decoder(hf_dir, quant, 0, blocks)
+    ops = Counter(n.op_type for n in sliced.model.graph.node)
+    assert ops["Concat"] == 2 * 4 + 1, "every projection of both layers, and the head, is cut"
+    ids = Engine(tiny_models["fp32"]).tokenizer.encode(TEXT)
+    logits = []
+    for name, decoder in (("whole", whole), ("sliced", sliced)):
+        session = DecoderSession(decoder.save(tmp_path / name), threads=1)
+        logits.append(session.forward(ids, session.new_cache()))
+    _close(logits[1], logits[0], 1e-5)
+
+
+def test_slices_cover_every_row_in_order() -> None:
+    for rows, nbytes in ((49152, 31_850_496), (960, 100), (7, 10 * graph._MAX_NODE_WEIGHT_BYTES), (1, 1 << 30)):
+        cuts = graph._slices(rows, nbytes)
+        assert cuts[0][0] == 0 and cuts[-1][1] == rows
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(cuts))
+    assert len(graph._slices(49152, 31_850_496)) == 4
+
+
+def test_a_graph_from_an_older_build_is_named_as_such(tiny_gqa: dict[str, Path], tmp_path: Path) -> None:
+    """A gqa graph of GRAPH_FORMAT 2 gathered its own embeddings from input_ids: the session says to rebuild."""
+    model = onnx.load(str(tiny_gqa["fp32"] / "model.onnx"))
+    rows = Embedding(tiny_gqa["fp32"] / "embedding.npy")
+    table = rows(np.arange(rows.vocab)[None])[0]
+    model.graph.initializer.append(numpy_helper.from_array(table, "embed"))
+    model.graph.node.insert(0, onnx.helper.make_node("Gather", ["embed", "input_ids"], ["inputs_embeds"]))
+    kept = [i for i in model.graph.input if i.name != "inputs_embeds"]
+    del model.graph.input[:]
+    model.graph.input.extend(
+        [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "sequence"]), *kept]
+    )
+    old = tmp_path / "old"
+    old.mkdir()
+    onnx.save(model, str(old / "model.onnx"))
+    with pytest.raises(ModelUnavailable, match=r"built by an older edged.*rebuild it with `edged model build`"):
+        DecoderSession(old / "model.onnx")
+
+
 def test_a_kv_buffer_is_chosen_from_the_graphs_inputs(tiny_models: dict[str, Path], tiny_gqa: dict[str, Path]) -> None:
     """The session reads the graph's signature: optimum exports keep their cache, gqa graphs get a buffer."""
     assert isinstance(DecoderSession(tiny_models["int4"] / "model.onnx").new_cache(8), KVCache)
@@ -190,7 +240,9 @@ def test_smollm2_default_build_carries_the_gguf_blocks_exactly(
     to float rounding and its greedy answers are token for token the same."""
     manifest = json.loads((smollm2_dirs["int4"] / "manifest.json").read_text())
     assert manifest["graph"] == "gqa"
-    assert manifest["quantization"]["requantized"] == 0 and manifest["quantization"]["exact_blocks"] > 200
+    quantization = manifest["quantization"]
+    assert quantization["requantized"] == 0
+    assert quantization["exact_blocks"] == 30 * 7 + 1, "each layer's 7 weights, then one table for embedding and head"
     graph = onnx.load(str(smollm2_dirs["int4"] / "model.onnx")).graph
     head = [n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")]
     attrs = [{a.name: a.i for a in n.attribute} for n in head]

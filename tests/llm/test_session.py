@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edged.build.graph import _Writer
+from edged.build.quantize import BlockWeights
 from edged.errors import ModelUnavailable
 from edged.llm.session import DecoderSession, Embedding, _kv_lag, prepared_copy
 from tests.build.test_quantize import q4_1_blocks, q8_0_blocks
@@ -167,19 +168,30 @@ def test_a_rebuilt_model_replaces_its_copy_and_leaves_other_models_copies(
     assert prepared_copy(other, prepared).is_dir()
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "float"])
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "int8", "float"])
 def test_the_embedding_file_gives_the_blocks_rows(tmp_path: Path, kind: str) -> None:
     """edged's graph starts from embeddings the engine reads from embedding.npy: each token's row is its
-    blocks' value (Q4_1 with its remainder, Q8_0), or the float row of an fp32 build, exactly."""
+    blocks' value (a GGUF's Q4_1 with its remainder or Q8_0, or a float table requantized to 8 bits with
+    zero points anywhere in 0..255), or the float row of an fp32 build, exactly."""
     vocab, hidden = 2048, 576  # over the size below which a table stays float
-    blocks = {"q4_1": q4_1_blocks, "q8_0": q8_0_blocks}.get(kind, lambda n, k: None)(vocab, hidden)
-    rows = blocks.dequantize() if blocks is not None else np.random.default_rng(1).normal(size=(vocab, hidden))
-    writer = _Writer("int4" if blocks is not None else "fp32", 0, lambda *_: blocks, ())
-    np.save(tmp_path / "embedding.npy", writer.embedding(rows.astype(np.float32)))
+    rng = np.random.default_rng(1)
+    floats = (rng.normal(size=(vocab, hidden)) + rng.normal(size=(vocab, hidden // 32)).repeat(32, axis=1)).astype(
+        np.float32
+    )
+    source = {"q4_1": q4_1_blocks, "q8_0": q8_0_blocks}.get(kind)
+    blocks = source(vocab, hidden) if source is not None else None
+    if kind == "int8":
+        rows = BlockWeights.quantize(floats, 8).dequantize()
+    else:
+        rows = blocks.dequantize() if blocks is not None else floats
+    quant = {"int8": "int8", "float": "fp32"}.get(kind, "int4")
+    writer = _Writer(quant, 0, lambda *_: blocks, ())
+    np.save(tmp_path / "embedding.npy", writer.embedding(floats if blocks is None else rows))
     ids = np.array([[0, 7, 2047], [5, 5, 1000]])
     got = Embedding(tmp_path / "embedding.npy")(ids)
     assert got.shape == (2, 3, hidden) and got.dtype == np.float32
-    np.testing.assert_array_equal(got, rows.astype(np.float32)[ids])
+    np.testing.assert_array_equal(got, rows[ids])
+    assert Embedding(tmp_path / "embedding.npy")(np.zeros((1, 0), np.int64)).shape == (1, 0, hidden)
     with pytest.raises(ValueError, match="in 0 to 2047"):
         Embedding(tmp_path / "embedding.npy")(np.array([[2048]]))
 

@@ -76,6 +76,9 @@ class Recipe:
     # Projections of the gqa graph whose MatMulNBits quantize their input to int8 (accuracy level 4)
     # whatever ``accuracy_level`` says: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head.
     int8_activations: tuple[str, ...] = ()
+    # Of those, the ones stored in blocks of 16 (each GGUF block of 32 as two with the same scale and zero
+    # point: the same weights), so that their input is quantized to int8 per 16 values, not 32.
+    fine_blocks: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -83,7 +86,16 @@ class Recipe:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ValueError(f"cannot read recipe {path}: {exc}") from exc
-        known = {"description", "default_quant", "accuracy_level", "source", "tokenizer", "graph", "int8_activations"}
+        known = {
+            "description",
+            "default_quant",
+            "accuracy_level",
+            "source",
+            "tokenizer",
+            "graph",
+            "int8_activations",
+            "fine_blocks",
+        }
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"recipe {path}: unknown keys {sorted(unknown)}")
@@ -99,6 +111,9 @@ class Recipe:
         int8 = data.get("int8_activations", [])
         if not isinstance(int8, list) or not set(int8) <= set(PROJECTIONS):
             raise ValueError(f"recipe {path}: int8_activations must list some of {', '.join(PROJECTIONS)}")
+        fine = data.get("fine_blocks", [])
+        if not isinstance(fine, list) or not set(fine) <= set(int8):
+            raise ValueError(f"recipe {path}: fine_blocks must list some of int8_activations ({', '.join(int8)})")
         return cls(
             name=path.stem,
             path=path,
@@ -109,6 +124,7 @@ class Recipe:
             tokenizer=dict(data.get("tokenizer", {})),
             graph=graph,
             int8_activations=tuple(int8),
+            fine_blocks=tuple(fine),
         )
 
     def dir_name(self, quant: str, graph: str | None = None) -> str:

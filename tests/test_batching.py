@@ -1,10 +1,9 @@
 """Continuous batching in `edged serve`: kiosks asking at once are decoded together, each gets the answer it
-would get alone, and cancelling or finishing one frees its slot without touching the others.
+would get alone, token for token, and cancelling or finishing one frees its slot without touching the others.
 
-"The answer it would get alone": the float-activation projection (qkv) runs another kernel for one row
-than for several, so rounding differs and a near-tie late in an answer may go the other way (the int8 ones
-give the same bits either way). Answers are compared over their first SAME_TOKENS tokens; the whole text
-must match for most of them.
+Every projection of the default build takes int8 activations, whose kernels compute each row alike however
+many rows a step holds, so a batched answer is the answer alone to the bit (a float-activation projection
+runs another kernel for one row than for several, and its rounding turned near-ties late in answers).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edged.llm import Engine, GenerationRequest, Message
@@ -35,7 +35,6 @@ QUESTIONS = (
     "Name three planets of the solar system.",
     "Write a haiku about rain.",
 )
-SAME_TOKENS = 16
 SYSTEM = "You are the field assistant of a farm cooperative. Answer in plain words, briefly. " * 4
 
 
@@ -63,7 +62,6 @@ def test_four_kiosks_at_once_are_decoded_together_and_get_their_own_answers(
 ) -> None:
     """All four start before the first one ends (none waits in the queue for another's whole answer), and
     each greedy answer is the one the model gives that question alone, streamed chunks included."""
-    same = 0
     for i, q in enumerate(QUESTIONS):
         send(listener, {"id": f"b-{i}", "prompt": q, "max_tokens": 40, "stream": i % 2 == 0})
     replies: list[dict[str, object]] = []
@@ -77,14 +75,11 @@ def test_four_kiosks_at_once_are_decoded_together_and_get_their_own_answers(
         reply = finals[f"b-{i}"]
         expected = alone.complete(GenerationRequest(messages=(Message("user", q),), max_tokens=40))
         assert reply["status"] == "ok"
-        ids = alone.tokenizer.encode(str(reply["text"]))
-        assert ids[:SAME_TOKENS] == list(expected.token_ids[:SAME_TOKENS]), (reply["text"], expected.text)
-        same += reply["text"] == expected.text
+        assert reply["text"] == expected.text and reply["usage"]["completion_tokens"] == len(expected.token_ids)
         if i % 2 == 0:
             chunks = [r for r in replies if r["id"] == f"b-{i}" and not r["done"]]
             assert [c["seq"] for c in chunks] == list(range(len(chunks)))
             assert "".join(c["delta"] for c in chunks) == reply["text"]
-    assert same >= len(QUESTIONS) - 1, f"only {same} of {len(QUESTIONS)} answers are whole as alone"
     first_end = min(r["timings"]["queue_ms"] + r["timings"]["total_ms"] for r in finals.values())
     assert max(r["timings"]["queue_ms"] for r in finals.values()) < first_end, "a request waited for another"
 
@@ -104,8 +99,7 @@ def test_cancelling_one_answer_in_a_batch_leaves_the_others_whole(
             finals[str(r["id"])] = r
     assert finals["c-long"]["finish_reason"] == "cancelled"
     expected = alone.complete(GenerationRequest(messages=(Message("user", QUESTIONS[2]),), max_tokens=40))
-    short = alone.tokenizer.encode(str(finals["c-short"]["text"]))
-    assert short[:SAME_TOKENS] == list(expected.token_ids[:SAME_TOKENS])
+    assert finals["c-short"]["text"] == expected.text
 
 
 def test_a_shared_system_prompt_is_answered_as_without_the_prefix_cache(
@@ -118,6 +112,19 @@ def test_a_shared_system_prompt_is_answered_as_without_the_prefix_cache(
         reply = listener.finals(1)[0]
         messages = (Message("system", SYSTEM), Message("user", q))
         assert reply["text"] == alone.complete(GenerationRequest(messages=messages, max_tokens=32)).text
+
+
+def test_the_default_build_computes_a_row_in_a_batch_as_alone_to_the_bit(smollm2_dirs: dict[str, Path]) -> None:
+    """The logits of each row of a 4-row step are bit for bit those of the same sequence's step alone."""
+    session = DecoderSession(smollm2_dirs["int4"] / "model.onnx", threads=2)
+    prompts = [list(range(100 + 7 * i, 130 + 9 * i)) for i in range(4)]
+    batch = session.new_cache(256, slots=4)
+    firsts = [int(np.argmax(session.prefill(p, batch, 64, slot=i))) for i, p in enumerate(prompts)]
+    together = session.step_batch(firsts, batch)
+    for i, prompt in enumerate(prompts):
+        own = session.new_cache(256)
+        session.prefill(prompt, own, 64)
+        np.testing.assert_array_equal(together[i], session.step(firsts[i], own))
 
 
 def _rss_mb() -> float:

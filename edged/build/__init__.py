@@ -157,6 +157,8 @@ def _build(recipe: Recipe, quant: str, graph: str, key: str, out: Path, work: Pa
         }
         if graph == "gqa" and recipe.int8_activations:
             quant_info["int8_activations"] = list(recipe.int8_activations)
+        if graph == "gqa" and recipe.fine_blocks:
+            quant_info["fine_blocks"] = list(recipe.fine_blocks)
     if graph == "gqa":
         step(3, "no ONNX export: edged writes its own graph")
         for name in ("config.json", "generation_config.json"):
@@ -165,8 +167,11 @@ def _build(recipe: Recipe, quant: str, graph: str, key: str, out: Path, work: Pa
         levels = f"accuracy level {recipe.accuracy_level}"
         if int8:
             levels += f", int8 activations in {', '.join(int8)}"
+        fine = recipe.fine_blocks if bits is not None else ()
+        if fine:
+            levels += f", blocks of 16 in {', '.join(fine)}"
         step(4, f"writing the decoder graph (GroupQueryAttention, {quant}, {levels})")
-        decoder = build_decoder(hf_dir, quant, recipe.accuracy_level, blocks, int8)
+        decoder = build_decoder(hf_dir, quant, recipe.accuracy_level, blocks, int8, fine)
         decoder.save(out)
         if bits is not None:
             quant_info.update({"gguf_blocks_carried_exactly": bool(decoder.stats["exact_blocks"]), **decoder.stats})

@@ -125,11 +125,19 @@ def load_hf_weights(hf_dir: Path) -> dict[str, F32]:
 class _Writer:
     """Writes the decoder's nodes into one graph, converting each weight once (tied tables shared by content)."""
 
-    def __init__(self, quant: str, accuracy_level: int, source: BlockSource, int8_activations: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        quant: str,
+        accuracy_level: int,
+        source: BlockSource,
+        int8_activations: tuple[str, ...],
+        fine_blocks: tuple[str, ...] = (),
+    ) -> None:
         self.quant = quant
         self.bits = 8 if quant == "int8" else 4
         self.level = accuracy_level
         self.int8_activations = int8_activations
+        self.fine_blocks = fine_blocks
         self.source = source
         model = helper.make_model(
             helper.make_graph([], "edged-decoder", [], []),
@@ -151,6 +159,10 @@ class _Writer:
     def level_of(self, key: str) -> int:
         """The accuracy level of the projection ``key`` (``model.layers.3.mlp.down_proj``, ``lm_head``)."""
         return 4 if key.rsplit(".", 1)[-1] in self.int8_activations else self.level
+
+    def block_of(self, key: str) -> int:
+        """The block size the projection ``key`` is stored in: 16 where the recipe's fine_blocks name it."""
+        return 16 if key.rsplit(".", 1)[-1] in self.fine_blocks else BLOCK
 
     def blocks(self, weights: list[tuple[str, str, F32]]) -> BlockWeights:
         """The blocks of ``weights`` ([N_i, K] rows each, with their graph names) stacked along N: the GGUF's
@@ -191,7 +203,7 @@ class _Writer:
                 part = bw.rows(start, stop)
                 t = _Tables(f"{key}.n{start}", part.nibbles() if part.bits == 8 and level == 0 else (part,))
                 matmul = helper.make_node("MatMul", [x, ""], [out])  # only its input and output names are read
-                self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums))
+                self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums, self.block_of(key)))
                 self.stats["matmul_nbits"] += len(t.parts)
                 self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
         if len(outputs) > 1:
@@ -260,14 +272,19 @@ class Decoder:
 
 
 def build_decoder(
-    hf_dir: Path, quant: str, accuracy_level: int, source: BlockSource, int8_activations: tuple[str, ...] = ()
+    hf_dir: Path,
+    quant: str,
+    accuracy_level: int,
+    source: BlockSource,
+    int8_activations: tuple[str, ...] = (),
+    fine_blocks: tuple[str, ...] = (),
 ) -> Decoder:
     """The decoder of the transformers model in ``hf_dir``; ``source`` gives a weight's GGUF blocks. The
     projections named in ``int8_activations`` run at accuracy level 4 (int8 activations), the rest at
-    ``accuracy_level``."""
+    ``accuracy_level``; those in ``fine_blocks`` are stored in blocks of 16."""
     shape = DecoderShape.from_config(json.loads((hf_dir / "config.json").read_text()))
     weights = load_hf_weights(hf_dir)
-    w = _Writer(quant, accuracy_level, source, int8_activations)
+    w = _Writer(quant, accuracy_level, source, int8_activations, fine_blocks)
     kv_shape: list[int | str] = ["batch", shape.kv_heads, "max_length", shape.head_dim]
     inputs = [
         helper.make_tensor_value_info(INPUTS_EMBEDS, TensorProto.FLOAT, ["batch", "sequence", shape.hidden]),

@@ -113,12 +113,14 @@ class BlockWeights:
         packed: U8 = np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         return packed
 
-    def packed_zero(self) -> U8:
-        n, nb = self.zero.shape
+    def packed_zero(self, per_block: int = 1) -> U8:
+        """Zero points as MatMulNBits reads them, each repeated ``per_block`` times (blocks of 32 / per_block)."""
+        zero = np.repeat(self.zero, per_block, axis=1)
+        n, nb = zero.shape
         if self.bits == 8:
-            return self.zero.reshape(-1).copy()
+            return zero.reshape(-1).copy()
         padded = np.zeros((n, nb + nb % 2), dtype=np.uint8)
-        padded[:, :nb] = self.zero
+        padded[:, :nb] = zero
         zeros: U8 = (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
         return zeros
 
@@ -236,12 +238,17 @@ def _constant_weight(g: _Graph, name: str) -> tuple[str, bool] | None:
     return None
 
 
-def _packed_name(g: _Graph, t: _Tables, i: int) -> str:
-    return g.add_init(f"{t.key}.p{i}.q{t.parts[i].bits}", t.parts[i].packed())
+def _packed_name(g: _Graph, t: _Tables, i: int, block_size: int = BLOCK) -> str:
+    """B of part ``i`` in blocks of ``block_size`` (32, or 16: each block of 32 as its two halves)."""
+    n, k = t.shape
+    suffix = "" if block_size == BLOCK else f".b{block_size}"
+    return g.add_init(f"{t.key}.p{i}.q{t.parts[i].bits}{suffix}", t.parts[i].packed().reshape(n, k // block_size, -1))
 
 
-def _scale_name(g: _Graph, t: _Tables, i: int) -> str:
-    return g.add_init(f"{t.key}.p{i}.scale", t.parts[i].scale.reshape(-1))
+def _scale_name(g: _Graph, t: _Tables, i: int, block_size: int = BLOCK) -> str:
+    suffix = "" if block_size == BLOCK else f".b{block_size}"
+    scale = np.repeat(t.parts[i].scale, BLOCK // block_size, axis=1)
+    return g.add_init(f"{t.key}.p{i}.scale{suffix}", scale.reshape(-1))
 
 
 def _sum(g: _Graph, terms: list[str], out: str) -> list[onnx.NodeProto]:
@@ -257,20 +264,29 @@ def _sum(g: _Graph, terms: list[str], out: str) -> list[onnx.NodeProto]:
 
 
 def _matmul_nbits(
-    g: _Graph, node: onnx.NodeProto, t: _Tables, accuracy_level: int, block_sums: dict[str, str]
+    g: _Graph,
+    node: onnx.NodeProto,
+    t: _Tables,
+    accuracy_level: int,
+    block_sums: dict[str, str],
+    block_size: int = BLOCK,
 ) -> list[onnx.NodeProto]:
+    """MatMulNBits nodes for ``t`` (and its Q4_1 remainder, per block of 32), the weights in blocks of
+    ``block_size``: 16 stores each block of 32 as two with its scale and zero point, the same weights, so
+    that int8 activations are quantized per 16 values."""
     n, k = t.shape
     x, y = node.input[0], node.output[0]
     nodes: list[onnx.NodeProto] = []
     terms: list[str] = []
     for i, part in enumerate(t.parts):
-        inputs = [x, _packed_name(g, t, i), _scale_name(g, t, i)]
+        inputs = [x, _packed_name(g, t, i, block_size), _scale_name(g, t, i, block_size)]
         if np.any(part.zero != (1 << (part.bits - 1))):  # MatMulNBits' default zero point is 2**(bits-1)
-            inputs.append(g.add_init(f"{t.key}.p{i}.zero", part.packed_zero()))
+            suffix = "" if block_size == BLOCK else f".b{block_size}"
+            inputs.append(g.add_init(f"{t.key}.p{i}.zero{suffix}", part.packed_zero(BLOCK // block_size)))
         # onnxruntime has no fast float-activation kernel for 8-bit weights (~90 ms for SmolLM2's
         # lm_head at level 0, ~1 ms at level 4); such weights are split into nibbles at level 0.
         level = 4 if part.bits == 8 else accuracy_level
-        attrs = {"K": k, "N": n, "bits": part.bits, "block_size": BLOCK, "accuracy_level": level}
+        attrs = {"K": k, "N": n, "bits": part.bits, "block_size": block_size, "accuracy_level": level}
         terms.append(g.fresh(y))
         nodes.append(g.node("MatMulNBits", inputs, [terms[-1]], **attrs))
         if part.residual is None:

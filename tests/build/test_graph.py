@@ -170,6 +170,30 @@ def test_large_projections_run_as_slices_with_the_same_logits(
     _close(logits[1], logits[0], 1e-5)
 
 
+def test_fine_blocks_hold_the_same_weights_in_blocks_of_16(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A projection in fine_blocks stores each block of 32 as two of 16 with its scale and zero point: at
+    float activations the logits are those of blocks of 32 (Q4_1 remainders included); at int8 activations
+    the input is quantized per 16 values, closer to the float logits than per 32."""
+    hf_dir = (tiny_models["fp32"].parent / "../hf").resolve()
+    every = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+    ids = Engine(tiny_models["fp32"]).tokenizer.encode(TEXT)
+    logits = {}
+    for name, int8, fine in (
+        ("float", (), ()),
+        ("float16", (), every),
+        ("int8", every, ()),
+        ("int8_16", every, every),
+    ):
+        decoder = build_decoder(hf_dir, "int4", 0, _q4_1([]), int8, fine)
+        sizes = {a.i for n in decoder.model.graph.node for a in n.attribute if a.name == "block_size"}
+        assert sizes == ({16} if fine else {32}), name
+        session = DecoderSession(decoder.save(tmp_path / name), threads=1)
+        logits[name] = session.forward(ids, session.new_cache())
+    _close(logits["float16"], logits["float"], 1e-5)
+    error = {name: np.abs(logits[name] - logits["float"]).mean() for name in ("int8", "int8_16")}
+    assert 0 < error["int8_16"] < error["int8"], error
+
+
 def test_slices_cover_every_row_in_order() -> None:
     for rows, nbytes in ((49152, 31_850_496), (960, 100), (7, 10 * graph._MAX_NODE_WEIGHT_BYTES), (1, 1 << 30)):
         cuts = graph._slices(rows, nbytes)
@@ -298,6 +322,9 @@ def test_int8_activations_apply_to_the_named_projections_only(tiny_models: dict[
             level = next(a.i for a in node.attribute if a.name == "accuracy_level")
             levels.setdefault(kind, set()).add(level)
     assert levels == {"qkv": {0}, "o": {0}, "gate_up": {4}, "down": {0}, "lm_head": {4}}, levels
+    recipe_path.write_text(f'fine_blocks = ["lm_head"]\nint8_activations = ["gate_up_proj"]\n{base}')
+    with pytest.raises(ValueError, match="fine_blocks must list some of int8_activations"):
+        Recipe.load(recipe_path)
     recipe_path.write_text(f'int8_activations = ["attention"]\n{base}')
     with pytest.raises(ValueError, match="int8_activations must list some of"):
         Recipe.load(recipe_path)

@@ -238,17 +238,21 @@ def _constant_weight(g: _Graph, name: str) -> tuple[str, bool] | None:
     return None
 
 
+def _blocked(name: str, block_size: int) -> str:
+    """An initializer's name, marked when its blocks are not the usual 32."""
+    return name if block_size == BLOCK else f"{name}.b{block_size}"
+
+
 def _packed_name(g: _Graph, t: _Tables, i: int, block_size: int = BLOCK) -> str:
     """B of part ``i`` in blocks of ``block_size`` (32, or 16: each block of 32 as its two halves)."""
     n, k = t.shape
-    suffix = "" if block_size == BLOCK else f".b{block_size}"
-    return g.add_init(f"{t.key}.p{i}.q{t.parts[i].bits}{suffix}", t.parts[i].packed().reshape(n, k // block_size, -1))
+    packed = t.parts[i].packed().reshape(n, k // block_size, -1)
+    return g.add_init(_blocked(f"{t.key}.p{i}.q{t.parts[i].bits}", block_size), packed)
 
 
 def _scale_name(g: _Graph, t: _Tables, i: int, block_size: int = BLOCK) -> str:
-    suffix = "" if block_size == BLOCK else f".b{block_size}"
     scale = np.repeat(t.parts[i].scale, BLOCK // block_size, axis=1)
-    return g.add_init(f"{t.key}.p{i}.scale{suffix}", scale.reshape(-1))
+    return g.add_init(_blocked(f"{t.key}.p{i}.scale", block_size), scale.reshape(-1))
 
 
 def _sum(g: _Graph, terms: list[str], out: str) -> list[onnx.NodeProto]:
@@ -281,8 +285,8 @@ def _matmul_nbits(
     for i, part in enumerate(t.parts):
         inputs = [x, _packed_name(g, t, i, block_size), _scale_name(g, t, i, block_size)]
         if np.any(part.zero != (1 << (part.bits - 1))):  # MatMulNBits' default zero point is 2**(bits-1)
-            suffix = "" if block_size == BLOCK else f".b{block_size}"
-            inputs.append(g.add_init(f"{t.key}.p{i}.zero{suffix}", part.packed_zero(BLOCK // block_size)))
+            zero = part.packed_zero(BLOCK // block_size)
+            inputs.append(g.add_init(_blocked(f"{t.key}.p{i}.zero", block_size), zero))
         # onnxruntime has no fast float-activation kernel for 8-bit weights (~90 ms for SmolLM2's
         # lm_head at level 0, ~1 ms at level 4); such weights are split into nibbles at level 0.
         level = 4 if part.bits == 8 else accuracy_level

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,32 +184,41 @@ class _Writer:
         one per slice of N and a Concat when the weights exceed ``_MAX_NODE_WEIGHT_BYTES``.
 
         A Q4_1 remainder costs one block sum of ``x`` (shared by every projection that reads ``x``) and one
-        small MatMul for the whole stack (per slice), not one per projection. 8-bit blocks stay whole at level 4, where
-        onnxruntime runs them fast (SmolLM2's lm_head: 0.64 ms a token, against 0.84 ms as two 4-bit halves,
-        and 1.0 against 2.2 ms for four rows), and become two 4-bit halves at level 0, where it does not.
+        small MatMul for the whole stack (per slice), not one per projection. 8-bit blocks stay whole at level
+        4, where onnxruntime runs them fast (SmolLM2's lm_head: 0.64 ms a token, against 0.84 ms as two 4-bit
+        halves, and 1.0 against 2.2 ms for four rows), and become two 4-bit halves at level 0, where it does not.
         """
+        emit: Callable[[int, int, str], None]
         if self.quant == "fp32":
             stacked = np.concatenate([w for _, _, w in weights], axis=0)
-            slices = _slices(stacked.shape[0], stacked.nbytes)
-            outputs = [y] if len(slices) == 1 else [f"{y}/n{i}" for i in range(len(slices))]
-            for (start, stop), out in zip(slices, outputs, strict=True):
+            rows, nbytes = stacked.shape[0], stacked.nbytes
+
+            def emit(start: int, stop: int, out: str) -> None:
                 weight_t = np.ascontiguousarray(stacked[start:stop].T)
                 self.op("MatMul", [x, self.const(f"{key}.n{start}.weight_t", weight_t)], [out])
         else:
-            level = self.level_of(key)
             bw = self.blocks(weights)
-            slices = _slices(bw.shape[0], bw.nbytes)
-            outputs = [y] if len(slices) == 1 else [f"{y}/n{i}" for i in range(len(slices))]
-            for (start, stop), out in zip(slices, outputs, strict=True):
-                part = bw.rows(start, stop)
-                t = _Tables(f"{key}.n{start}", part.nibbles() if part.bits == 8 and level == 0 else (part,))
-                matmul = helper.make_node("MatMul", [x, ""], [out])  # only its input and output names are read
-                self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums, self.block_of(key)))
-                self.stats["matmul_nbits"] += len(t.parts)
-                self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
+            rows, nbytes = bw.shape[0], bw.nbytes
+
+            def emit(start: int, stop: int, out: str) -> None:
+                self._nbits(x, out, key, f"{key}.n{start}", bw.rows(start, stop))
+
+        slices = _slices(rows, nbytes)
+        outputs = [y] if len(slices) == 1 else [f"{y}/n{i}" for i in range(len(slices))]
+        for (start, stop), out in zip(slices, outputs, strict=True):
+            emit(start, stop, out)
         if len(outputs) > 1:
             self.op("Concat", outputs, [y], axis=-1)
         return y
+
+    def _nbits(self, x: str, y: str, key: str, name: str, part: BlockWeights) -> None:
+        """One MatMulNBits (two 4-bit halves for 8-bit blocks at level 0) of projection ``key``'s rows ``part``."""
+        level = self.level_of(key)
+        t = _Tables(name, part.nibbles() if part.bits == 8 and level == 0 else (part,))
+        matmul = helper.make_node("MatMul", [x, ""], [y])  # only its input and output names are read
+        self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums, self.block_of(key)))
+        self.stats["matmul_nbits"] += len(t.parts)
+        self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
 
     def embedding(self, table: F32) -> np.ndarray[Any, Any]:
         """The records of ``embedding.npy``: the float rows of an fp32 build or a small table (as

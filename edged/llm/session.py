@@ -247,7 +247,7 @@ class Embedding:
         names = self._table.dtype.names or ()
         if "values" not in names or self._table.ndim != 1:
             raise ModelUnavailable(f"{path} is not an embedding table (records with values, per token)")
-        self._blocks = "scale" in names
+        self._blocks = int(self._table.dtype["scale"].shape[0]) if "scale" in names else 0  # per row; 0: float rows
         self._residual = "residual" in names
         self.vocab = int(self._table.shape[0])
         self.hidden = int(self._table.dtype["values"].shape[0])
@@ -259,8 +259,7 @@ class Embedding:
         records = self._table[token_ids.reshape(-1)]
         values = records["values"].astype(np.float32)
         if self._blocks:
-            blocks = records.dtype["scale"].shape[0]
-            blocked = values.reshape(len(records), blocks, self.hidden // blocks)
+            blocked = values.reshape(len(records), self._blocks, self.hidden // self._blocks)
             blocked = blocked * records["scale"][..., None]
             if self._residual:
                 blocked = blocked + records["residual"][..., None]

@@ -174,9 +174,12 @@ class App:
                 config.metrics_port, lambda: self.monitor.telemetry_payload, self.counters.snapshot
             )
             self.metrics.start()
-        self.link.start()
+        # The fleet link first: by the time the node's own link says online, the broker holds its fleet share.
+        deadline = time.monotonic() + _FIRST_CONNECT_S
         self.fleet_link.start()
-        if not self.link.connected.wait(_FIRST_CONNECT_S):
+        self.fleet_link.subscribed.wait(_FIRST_CONNECT_S)
+        self.link.start()
+        if not self.link.connected.wait(max(0.0, deadline - time.monotonic())):
             log.warning("no broker connection within %.0f s; serving once it comes", _FIRST_CONNECT_S)
         self.inbox.replay(self.journal.unfinished())  # before new messages: their replies are owed first
         self.inbox.start()

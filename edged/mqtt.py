@@ -95,7 +95,9 @@ class Link:
         self._on_connect = on_connect
         self._on_published = on_published
         self.subscriptions: dict[str, int] = {}
+        self._asked: dict[int, str] = {}  # SUBSCRIBE's message id -> its topic, until the broker answers
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # connected, and the broker has answered every SUBSCRIBE sent
         self.reconnects = 0
         self._last_failure: tuple[str, float] = ("", 0.0)
         if self.v5:
@@ -122,6 +124,7 @@ class Link:
         client.on_disconnect = self._disconnected
         client.on_message = self._message
         client.on_publish = self._published
+        client.on_subscribe = self._granted
         client.on_connect_error = self._connect_failed
         self._client = client
 
@@ -166,9 +169,12 @@ class Link:
         """v5 asks for Retain As Published: else the broker clears the retain flag of a retained message
         published while we are subscribed, and a retained question could not be told apart."""
         if self.v5:
-            client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+            _rc, mid = client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
         else:
-            client.subscribe(topic, qos)
+            _rc, mid = client.subscribe(topic, qos)
+        if mid is not None:
+            self.subscribed.clear()
+            self._asked[mid] = topic
 
     def unsubscribe(self, topic: str) -> None:
         if self.subscriptions.pop(topic, None) is not None and self.connected.is_set():
@@ -208,6 +214,8 @@ class Link:
         set_nodelay(client)
         for topic, qos in self.subscriptions.items():
             self._subscribe(client, topic, qos)
+        if not self._asked:
+            self.subscribed.set()
         self.connected.set()
         self._last_failure = ("", 0.0)
         log.info("connected to %s:%s", self._config.host, self._config.port)
@@ -228,6 +236,19 @@ class Link:
             self.reconnects += 1
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         self.connected.clear()
+        self.subscribed.clear()
+        self._asked.clear()
+
+    def _granted(self, _c: paho.Client, _u: object, mid: int, reasons: list[Any], _p: object) -> None:
+        """The broker's SUBACK: a subscription it refuses (an ACL without read access) is said in the log."""
+        topic = self._asked.pop(mid, "?")
+        refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            log.error("the broker refused the subscription to %s: %s", topic, ", ".join(refused))
+        else:
+            log.debug("subscribed to %s", topic)
+        if not self._asked:
+            self.subscribed.set()
 
     def _published(self, _c: paho.Client, _u: object, mid: int, reason: Any, _p: object) -> None:
         failure = str(reason) if getattr(reason, "is_failure", False) else None

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from edged.errors import InvalidRequest, ModelUnavailable, TooLong
 from edged.llm.sampling import Sampler, SamplingParams
-from edged.llm.session import DecoderSession, KVBuffer, Logits
+from edged.llm.session import DecoderSession, KVBuffer, Logits, release_freed_heap
 from edged.llm.tokenizer import ROLES, ChatTokenizer, IncrementalDecoder, Message
 
 MAX_STOP_STRINGS = 8
@@ -421,6 +421,7 @@ def _load_beside(
         time.sleep(_SESSION_HEAD_START_S)
         try:
             parsed.append(tokenizer())
+            release_freed_heap()  # what the parse built and freed (SmolLM2: 16 MB), before the session peaks
         except BaseException as exc:  # handed to the loading thread
             parsed.append(exc)
 

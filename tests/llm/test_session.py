@@ -14,7 +14,7 @@ import pytest
 from edged.build.graph import _Writer
 from edged.build.quantize import BlockWeights
 from edged.errors import ModelUnavailable
-from edged.llm.session import DecoderSession, Embedding, _kv_lag, prepared_copy
+from edged.llm.session import DecoderSession, Embedding, _kv_lag, file_mappings, prepared_copy
 from tests.build.test_quantize import q4_1_blocks, q8_0_blocks
 
 PEAK_LIMIT_MB = 500
@@ -113,7 +113,10 @@ def test_a_prepared_copy_is_written_once_then_loaded_with_the_same_logits(
     written = (copy / "model.data").stat().st_mtime_ns
     second = DecoderSession(model, prepared_dir=tmp_path)
     assert second.loaded_from == copy / "model.onnx" and (copy / "model.data").stat().st_mtime_ns == written
+    # What onnxruntime read of the copy while it loaded is unmapped; a step maps back what it reads.
+    assert file_mappings(copy / "model.data") and sum(rss for *_, rss, _ in file_mappings(copy / "model.data")) == 0
     assert np.array_equal(_logits(plain), _logits(first)) and np.array_equal(_logits(plain), _logits(second))
+    assert sum(rss for *_, rss, _ in file_mappings(copy / "model.data")) > 0
 
 
 def test_a_broken_prepared_copy_is_written_again(

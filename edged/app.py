@@ -63,6 +63,7 @@ class App:
         self._env = dict(os.environ if env is None else env)
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
+        self._announced = threading.Event()  # the first connect has published the status: READY=1 may follow
         self.counters = Counts()
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
@@ -142,6 +143,7 @@ class App:
     def _connected(self) -> None:
         self.outbox.connected()
         self.monitor.connected()
+        self._announced.set()
 
     # -- start, run, stop ------------------------------------------------------------------------------
 
@@ -177,9 +179,9 @@ class App:
         # The fleet link first: by the time the node's own link says online, the broker holds its fleet share.
         deadline = time.monotonic() + _FIRST_CONNECT_S
         self.fleet_link.start()
-        self.fleet_link.subscribed.wait(_FIRST_CONNECT_S)
+        self.fleet_link.settled.wait(_FIRST_CONNECT_S)
         self.link.start()
-        if not self.link.connected.wait(max(0.0, deadline - time.monotonic())):
+        if not self._announced.wait(max(0.0, deadline - time.monotonic())):  # online said before READY=1
             log.warning("no broker connection within %.0f s; serving once it comes", _FIRST_CONNECT_S)
         self.inbox.replay(self.journal.unfinished())  # before new messages: their replies are owed first
         self.inbox.start()

@@ -24,6 +24,7 @@ from edged.systemd import notify
 
 log = logging.getLogger("edged")
 _PRUNE_INTERVAL_S = 600
+_FLEET_SETTLE_S = 2.0  # how long a change of fleet membership waits for the broker's answer
 
 
 class Monitor:
@@ -82,10 +83,10 @@ class Monitor:
                 self.publish_telemetry()
                 next_telemetry = now + config.telemetry_interval_s
             depth = self.scheduler.depth if self.scheduler else 0
+            self.fleet_membership(depth)
             if depth != published_depth:  # queue depth in the retained status, at most once a tick
                 self.publish_status()
                 published_depth = depth
-            self.fleet_membership(depth)
             if now >= next_prune:
                 self._journal.prune(config.journal_keep, config.journal_keep_s)
                 next_prune = now + _PRUNE_INTERVAL_S
@@ -112,6 +113,7 @@ class Monitor:
         self.limits = limits(state, self.config.governor)
         if self.scheduler is not None:
             self.scheduler.apply(self.limits, "power" if state == "low_power" else "thermal")
+        self.fleet_membership(self.scheduler.depth if self.scheduler else 0)  # before the status says why
         self.publish_status()
         self.publish_telemetry()
 
@@ -121,14 +123,18 @@ class Monitor:
             return
         want = in_fleet(self.lifecycle.model_ready, self.limits, depth, self.config.queue_capacity)
         joined = self._fleet_topics[0] in self.fleet_link.subscriptions
-        if want and not joined:
+        if want == joined:
+            return
+        if want:
             log.info("joining the fleet")
             for topic in self._fleet_topics:
                 self.fleet_link.subscribe(topic)
-        elif not want and joined:
+        else:
             log.info("leaving the fleet (governor %s, queue %d)", self.lifecycle.governor, depth)
             for topic in self._fleet_topics:
                 self.fleet_link.unsubscribe(topic)
+        if self.fleet_link.connected.is_set():  # the broker has it before the status that follows says so
+            self.fleet_link.settled.wait(_FLEET_SETTLE_S)
 
     # -- what the node publishes about itself --------------------------------------------------------
 

@@ -95,9 +95,11 @@ class Link:
         self._on_connect = on_connect
         self._on_published = on_published
         self.subscriptions: dict[str, int] = {}
-        self._asked: dict[int, str] = {}  # SUBSCRIBE's message id -> its topic, until the broker answers
+        # (UN)SUBSCRIBE packets the broker has not answered yet: message id -> topic
+        self._unanswered: dict[int, str] = {}
+        self._unanswered_lock = threading.Lock()
         self.connected = threading.Event()
-        self.subscribed = threading.Event()  # connected, and the broker has answered every SUBSCRIBE sent
+        self.settled = threading.Event()  # connected, and every SUBSCRIBE and UNSUBSCRIBE sent is answered
         self.reconnects = 0
         self._last_failure: tuple[str, float] = ("", 0.0)
         if self.v5:
@@ -125,6 +127,7 @@ class Link:
         client.on_message = self._message
         client.on_publish = self._published
         client.on_subscribe = self._granted
+        client.on_unsubscribe = self._left
         client.on_connect_error = self._connect_failed
         self._client = client
 
@@ -150,10 +153,9 @@ class Link:
         """
         shared = [t for t in self.subscriptions if t.startswith("$share/")]
         if shared and self.connected.is_set():
-            left = threading.Event()
-            self._client.on_unsubscribe = lambda *_: left.set()
-            self._client.unsubscribe(shared)
-            left.wait(2)
+            for topic in shared:
+                self.unsubscribe(topic)
+            self.settled.wait(2)
         if last_words is not None and self.connected.is_set():
             info = self._client.publish(last_words[0], last_words[1], qos=1, retain=True)
             info.wait_for_publish(timeout=2)
@@ -168,17 +170,31 @@ class Link:
     def _subscribe(self, client: paho.Client, topic: str, qos: int) -> None:
         """v5 asks for Retain As Published: else the broker clears the retain flag of a retained message
         published while we are subscribed, and a retained question could not be told apart."""
-        if self.v5:
-            _rc, mid = client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
-        else:
-            _rc, mid = client.subscribe(topic, qos)
-        if mid is not None:
-            self.subscribed.clear()
-            self._asked[mid] = topic
+        with self._unanswered_lock:  # the answer may come before paho returns its message id
+            if self.v5:
+                _rc, mid = client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+            else:
+                _rc, mid = client.subscribe(topic, qos)
+            self._sent(mid, topic)
 
     def unsubscribe(self, topic: str) -> None:
         if self.subscriptions.pop(topic, None) is not None and self.connected.is_set():
-            self._client.unsubscribe(topic)
+            with self._unanswered_lock:
+                _rc, mid = self._client.unsubscribe(topic)
+                self._sent(mid, topic)
+
+    def _sent(self, mid: int | None, topic: str) -> None:
+        if mid is not None:
+            self.settled.clear()
+            self._unanswered[mid] = topic
+
+    def _answered(self, mid: int) -> str:
+        """The topic of the (UN)SUBSCRIBE the broker has answered; settled once none is left."""
+        with self._unanswered_lock:
+            topic = self._unanswered.pop(mid, "?")
+            if not self._unanswered and self.connected.is_set():
+                self.settled.set()
+        return topic
 
     def publish(
         self, topic: str, payload: bytes, qos: int, *, retain: bool = False, correlation: bytes | None = None
@@ -212,11 +228,12 @@ class Link:
             self._failed(f"the broker refused the connection: {reason}")
             return
         set_nodelay(client)
-        for topic, qos in self.subscriptions.items():
+        for topic, qos in list(self.subscriptions.items()):
             self._subscribe(client, topic, qos)
-        if not self._asked:
-            self.subscribed.set()
         self.connected.set()
+        with self._unanswered_lock:
+            if not self._unanswered:
+                self.settled.set()
         self._last_failure = ("", 0.0)
         log.info("connected to %s:%s", self._config.host, self._config.port)
         self._on_connect()
@@ -236,19 +253,21 @@ class Link:
             self.reconnects += 1
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         self.connected.clear()
-        self.subscribed.clear()
-        self._asked.clear()
+        with self._unanswered_lock:
+            self.settled.clear()
+            self._unanswered.clear()
 
     def _granted(self, _c: paho.Client, _u: object, mid: int, reasons: list[Any], _p: object) -> None:
         """The broker's SUBACK: a subscription it refuses (an ACL without read access) is said in the log."""
-        topic = self._asked.pop(mid, "?")
+        topic = self._answered(mid)
         refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
         if refused:
             log.error("the broker refused the subscription to %s: %s", topic, ", ".join(refused))
         else:
             log.debug("subscribed to %s", topic)
-        if not self._asked:
-            self.subscribed.set()
+
+    def _left(self, _c: paho.Client, _u: object, mid: int, _reasons: object, _p: object) -> None:
+        log.debug("unsubscribed from %s", self._answered(mid))
 
     def _published(self, _c: paho.Client, _u: object, mid: int, reason: Any, _p: object) -> None:
         failure = str(reason) if getattr(reason, "is_failure", False) else None

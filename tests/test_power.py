@@ -114,8 +114,7 @@ def test_governor_walks_through_the_states(broker: Mosquitto, smollm2_dirs: dict
         assert stopped["id"] == "e-stopped" and stopped["finish_reason"] == "thermal"
         assert stopped["usage"]["completion_tokens"] < 400
 
-        heat(50.0, "normal")
-        time.sleep(0.5)
+        heat(50.0, "normal")  # the node is back in the fleet before its status says normal
         ask("fleet-3", "therm/fleet/ask", max_tokens=3)
         assert final()["id"] == "fleet-3", "back in the fleet"
         with pytest.raises(queue.Empty):
@@ -321,7 +320,9 @@ def test_the_governor_decodes_fewer_answers_together_when_warm(
     def most_at_once(tag: str) -> int:
         """Sends four streamed questions at once; the most answers between first chunk and final at a time."""
         for i in range(4):
-            body = {"id": f"{tag}-{i}", "prompt": f"Tell me about the sea, part {i}.", "max_tokens": 6, "stream": True}
+            # 32 tokens: the first answer is still running when the fourth has been journaled and joins (warm caps
+            # them at 6 tokens).
+            body = {"id": f"{tag}-{i}", "prompt": f"Tell me about the sea, part {i}.", "max_tokens": 32, "stream": True}
             replies.publish("slots/slotpi/ask", json.dumps(body), response_topic="r/slots")
         events: list[tuple[float, int]] = []  # (time, +1 at an answer's first chunk, -1 at its final)
         started: set[str] = set()

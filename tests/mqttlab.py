@@ -241,6 +241,18 @@ class Node:
         self.proc.wait(10)
 
 
+def wait_queue(port: int, node_id: str, depth: int, timeout_s: float = 15) -> None:
+    """Until the node's retained status says ``depth`` requests wait in its queue (published at most once a
+    second)."""
+    watch = Listener(port, f"edged/{node_id}/status")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while watch.json(max(0.1, deadline - time.monotonic())).get("queue") != depth:
+            assert time.monotonic() < deadline, f"{node_id}'s queue never held {depth}"
+    finally:
+        watch.close()
+
+
 def contract_node(workdir: Path, broker: Mosquitto, models_dir: Path, node_id: str = "pi", **settings: Any) -> Node:
     """A started `edged serve` with the real model and CONTRACT_SETTINGS (``settings`` override them)."""
     return Node(workdir, broker.url, node_id, models_dir, **{**CONTRACT_SETTINGS, **settings}).start(broker.port)

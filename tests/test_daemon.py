@@ -259,10 +259,9 @@ def test_sigkill_loses_nothing_accepted(broker: Mosquitto, smollm2_dirs: dict[st
     )
     lst = Listener(broker.port, "r/crashy")
     ids = [f"k-{i}" for i in range(5)]
-    for rid in ids:
-        lst.publish(
-            "edged/crashy/ask", json.dumps({"id": rid, "prompt": LONG, "max_tokens": 30}), response_topic="r/crashy"
-        )
+    for rid in ids:  # the first short; the second runs about a second, so the kill lands inside it, not at an end
+        body = {"id": rid, "prompt": LONG, "max_tokens": 30 if rid == "k-0" else 90}
+        lst.publish("edged/crashy/ask", json.dumps(body), response_topic="r/crashy")
     first = lst.finals(1)  # one answered; one generating and three queued when the kill comes
     time.sleep(0.3)
     crashy.kill()

@@ -19,6 +19,7 @@ from tests.mqttlab import (
     Mosquitto,
     http_node,
     module_broker,  # noqa: F401 (a fixture)
+    wait_queue,
 )
 
 pytestmark = pytest.mark.model
@@ -108,7 +109,7 @@ def test_stop_strings_end_the_answer_before_them(http_port: int) -> None:
     assert reply.done_reason == "stop" and "Tokyo" not in (reply.message.content or "")
 
 
-def test_a_full_queue_is_refused_at_once_and_a_dropped_stream_is_cancelled(http_port: int) -> None:
+def test_a_full_queue_is_refused_at_once_and_a_dropped_stream_is_cancelled(http_port: int, broker: Mosquitto) -> None:
     """One answer running and one queued fill a queue of one: the next gets 503 with Retry-After. A client
     that goes away mid-stream frees the node for the queued one."""
 
@@ -120,7 +121,7 @@ def test_a_full_queue_is_refused_at_once_and_a_dropped_stream_is_cancelled(http_
         queued = asyncio.create_task(
             c.chat(model=SMOLLM2, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 3})
         )
-        await asyncio.sleep(0.5)  # the second is queued
+        await asyncio.to_thread(wait_queue, broker.port, "pi", 1)  # the second is queued
         with pytest.raises(ollama.ResponseError) as refused:
             await c.chat(model=SMOLLM2, messages=[{"role": "user", "content": "Hi"}])
         async with httpx.AsyncClient() as raw:

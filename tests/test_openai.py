@@ -19,6 +19,7 @@ from tests.mqttlab import (
     Mosquitto,
     http_node,
     module_broker,  # noqa: F401 (a fixture)
+    wait_queue,
 )
 
 pytestmark = pytest.mark.model
@@ -95,7 +96,7 @@ def test_max_tokens_stop_and_seed(base_url: str) -> None:
     assert sampled[0] and sampled[0] == sampled[1]
 
 
-def test_busy_is_a_429_with_retry_after(base_url: str) -> None:
+def test_busy_is_a_429_with_retry_after(base_url: str, broker: Mosquitto) -> None:
     """A running answer and a queued one fill a queue of one: the next is refused at once, in OpenAI's shape."""
 
     async def run() -> openai.RateLimitError:
@@ -112,7 +113,7 @@ def test_busy_is_a_429_with_retry_after(base_url: str) -> None:
         queued = asyncio.create_task(
             c.chat.completions.create(model=SMOLLM2, messages=JAPAN, max_tokens=2)  # type: ignore[arg-type]
         )
-        await asyncio.sleep(0.5)
+        await asyncio.to_thread(wait_queue, broker.port, "pi", 1)  # the second is queued
         try:
             with pytest.raises(openai.RateLimitError) as refused:
                 await c.chat.completions.create(model=SMOLLM2, messages=JAPAN)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from edged.mqtt import Inbound
 from edged.outbox import Outbox
 from edged.protocol import Defaults, Envelope, Identity, Refusal, Request, Route, Source
 from edged.scheduler import RateLimiter, Scheduler
+from edged.systemd import IDLE_BEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Inbox:
         while True:
             self.heartbeat = time.monotonic()  # moves while idle too: the watchdog sees a live inbox
             try:
-                inbound = self._queue.get(timeout=1.0)
+                inbound = self._queue.get(timeout=IDLE_BEAT_S)
             except queue.Empty:
                 continue
             if inbound is None:

@@ -20,7 +20,7 @@ from edged.mqtt import Link, NotSent
 from edged.outbox import Outbox
 from edged.scheduler import Scheduler
 from edged.sensors import PowerSnapshot, Sensors
-from edged.systemd import notify
+from edged.systemd import IDLE_BEAT_S, notify
 
 log = logging.getLogger("edged")
 _PRUNE_INTERVAL_S = 600
@@ -73,7 +73,7 @@ class Monitor:
             now = time.monotonic()
             config = self.config
             if watchdog_s and now >= next_watchdog:
-                if all(now - beat < watchdog_s for beat in self._heartbeats()):
+                if all(now - beat < watchdog_s + IDLE_BEAT_S for beat in self._heartbeats()):
                     notify("WATCHDOG=1")  # a hung inbox or worker gets the service restarted
                 next_watchdog = now + watchdog_s / 2
             if now >= next_sense:

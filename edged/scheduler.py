@@ -18,6 +18,7 @@ from edged.governor import Limits
 from edged.llm import Engine
 from edged.llm.engine import Batch, Sequence
 from edged.protocol import PRIORITIES, Identity, Request
+from edged.systemd import IDLE_BEAT_S
 
 log = logging.getLogger(__name__)
 ALERT = PRIORITIES.index("alert")  # a job's rank: lower runs first
@@ -267,7 +268,7 @@ class Scheduler:
                 if not expired and not wait:
                     return None
                 if not expired:
-                    self._cond.wait(0.5 if self._heap else 1.0)
+                    self._cond.wait(0.5 if self._heap else IDLE_BEAT_S)
             for j in expired:
                 j.replies.ended(j.request, "deadline")
 

@@ -11,6 +11,10 @@ import os
 import socket
 import struct
 
+# How often an idle thread (the inbox, the worker) moves its heartbeat. The watchdog takes a heartbeat as
+# stale only past WatchdogSec plus this, so an idle node keeps being fed under any WatchdogSec.
+IDLE_BEAT_S = 1.0
+
 
 def notify(*lines: str) -> bool:
     """Sends ``READY=1``, ``STATUS=...`` and the like; False when not run by systemd or the send failed."""

@@ -33,7 +33,7 @@ from edged.store import (
 # Bump when the build's output changes for the same recipe, so cached builds are not reused.
 BUILD_FORMAT = 1
 # Bump when edged's own graph (edged.build.graph) changes.
-GRAPH_FORMAT = 3
+GRAPH_FORMAT = 4
 _TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf", "tokenizers")
 
 Log = Callable[[str], None]

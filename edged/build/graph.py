@@ -32,6 +32,7 @@ from edged.build.quantize import (
     _Graph,
     _matmul_nbits,
     _Tables,
+    remainder_stats,
 )
 from edged.llm.session import INPUTS_EMBEDS, embedding_table
 from edged.store import EMBEDDING_FILE
@@ -148,7 +149,8 @@ class _Writer:
         self.nodes: list[onnx.NodeProto] = []
         self.block_sums: dict[str, str] = {}
         self._blocks: dict[bytes, BlockWeights] = {}
-        self.stats = {"matmul_nbits": 0, "exact_blocks": 0, "requantized": 0, "residual_paths": 0}
+        counts = ("matmul_nbits", "exact_blocks", "requantized", "residual_paths", "folded_remainders")
+        self.stats = dict.fromkeys(counts, 0)
 
     def op(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any) -> list[str]:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=self.g.fresh(op), domain=domain, **attrs))
@@ -218,7 +220,8 @@ class _Writer:
         matmul = helper.make_node("MatMul", [x, ""], [y])  # only its input and output names are read
         self.nodes.extend(_matmul_nbits(self.g, matmul, t, level, self.block_sums, self.block_of(key)))
         self.stats["matmul_nbits"] += len(t.parts)
-        self.stats["residual_paths"] += sum(p.residual is not None for p in t.parts)
+        for stat, count in remainder_stats(t.parts, level).items():
+            self.stats[stat] += count
 
     def embedding(self, table: F32) -> np.ndarray[Any, Any]:
         """The records of ``embedding.npy``: the float rows of an fp32 build or a small table (as

@@ -19,7 +19,7 @@ from edged.errors import ModelUnavailable
 from edged.evaluate import agreement
 from edged.llm import Engine, GenerationRequest, Message
 from edged.llm.session import DecoderSession, Embedding, KVBuffer, KVCache
-from edged.store import Recipe
+from edged.store import Recipe, default_cache_dir
 
 TEXT = "Tomatoes wilt in hot weather; water them early in the morning. Grüße aus München!"
 
@@ -234,23 +234,14 @@ def test_a_kv_buffer_is_chosen_from_the_graphs_inputs(tiny_models: dict[str, Pat
 
 @pytest.fixture(scope="module")
 def smollm2_float(smollm2_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default build with every MatMulNBits at accuracy level 0: its weights, float activations."""
-    build = smollm2_dirs["int4"]
-    model = onnx.load(str(build / "model.onnx"))
-    int8 = 0
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
-                int8 += attr.i == 4
-                attr.i = 0
-    assert int8 > 0, "the default build has int8 activations somewhere (the recipe's int8_activations)"
-    out = tmp_path_factory.mktemp("float") / build.name
-    out.mkdir()
-    for f in build.iterdir():
-        if f.name != "model.onnx":
-            (out / f.name).symlink_to(f)
-    onnx.save(model, str(out / "model.onnx"))
-    return out
+    """The recipe built with float activations everywhere (its int8_activations and fine_blocks left out):
+    the GGUF's blocks and their float remainders, exactly. Built once, then found in the build cache."""
+    recipe = Recipe.load(smollm2_dirs["int4"].parent / f"{smollm2_dirs['int4'].name}.toml")
+    assert recipe.int8_activations, "the default build has int8 activations somewhere (the recipe's int8_activations)"
+    models = tmp_path_factory.mktemp("float")
+    kept = [line for line in recipe.path.read_text().splitlines() if not line.startswith(("int8_activations", "fine_"))]
+    (models / recipe.path.name).write_text("\n".join(kept) + "\n")
+    return build_model(Recipe.load(models / recipe.path.name), "int4", models, default_cache_dir(), print)
 
 
 PROMPTS = ["What is the capital of Japan?", "Write a short poem about the sea.", "Why do cats purr?"]
@@ -260,12 +251,16 @@ PROMPTS = ["What is the capital of Japan?", "Write a short poem about the sea.",
 def test_smollm2_default_build_carries_the_gguf_blocks_exactly(
     smollm2_dirs: dict[str, Path], smollm2_float: Path
 ) -> None:
-    """The gqa graph holds the GGUF's blocks exactly: with float activations its logits are the fp32 build's
-    to float rounding and its greedy answers are token for token the same."""
+    """The gqa graph holds the GGUF's blocks exactly: built with float activations its logits are the fp32
+    build's to float rounding and its greedy answers are token for token the same. The default build holds
+    the same blocks, their remainders folded into them (int8 activations: no float remainder path left)."""
     manifest = json.loads((smollm2_dirs["int4"] / "manifest.json").read_text())
     assert manifest["graph"] == "gqa"
     quantization = manifest["quantization"]
     assert quantization["requantized"] == 0
+    assert (quantization["folded_remainders"], quantization["residual_paths"]) == (30 * 4, 0)
+    exact_paths = json.loads((smollm2_float / "manifest.json").read_text())["quantization"]
+    assert (exact_paths["folded_remainders"], exact_paths["residual_paths"]) == (0, 30 * 4)
     assert quantization["exact_blocks"] == 30 * 7 + 1, "each layer's 7 weights, then one table for embedding and head"
     graph = onnx.load(str(smollm2_dirs["int4"] / "model.onnx")).graph
     head = [n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")]

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edged.build.quantize import BlockWeights, quantize_model
+from edged.build.quantize import BLOCK, BlockWeights, _Graph, _matmul_nbits, _Tables, quantize_model
 from edged.llm import Engine
 
 RNG = np.random.default_rng(0)
@@ -70,6 +70,33 @@ def test_carried_blocks_compute_the_source_weights(make: object, level: int) -> 
     tolerance = 1e-4 if level == 0 else 3e-2  # level 4 quantizes the activations to int8
     assert np.abs(y - expected).max() <= tolerance * np.abs(expected).max()
     np.testing.assert_allclose(e[0], rows[ids[0]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_size", [32, 16])
+def test_folded_remainders_are_within_a_900th(block_size: int) -> None:
+    """At level 4 a Q4_1 remainder rides in its MatMulNBits on the input's block sums (no float MatMul):
+    the folded table on [x, blocksums, 0.., blocksums] is the exact weights to 1/900 of the largest remainder,
+    and the node computes what the exact weights do, to int8 activations' precision."""
+    bw = q4_1_blocks(96, 128)
+    assert bw.residual is not None
+    folded = bw.with_remainder_blocks()
+    x = RNG.standard_normal((5, 128)).astype(np.float32)
+    sums = x.reshape(5, -1, BLOCK).sum(axis=2)
+    widened = np.concatenate([x, sums, np.zeros((5, BLOCK - sums.shape[1]), np.float32), sums], axis=1)
+    exact = x @ bw.dequantize().T
+    error = np.abs(widened @ folded.dequantize()[:, : widened.shape[1]].T - exact)
+    bound = np.abs(bw.residual).max() / 900 * np.abs(sums).sum(axis=1, keepdims=True)
+    assert (error <= bound + 1e-4 * np.abs(exact).max()).all()
+    assert (error > 0).any(), "not exact: the remainders are rounded"
+
+    model = graph(bw.dequantize(), vocab_gather=False)
+    nodes = _matmul_nbits(_Graph(model), model.graph.node[0], _Tables("w", (bw,)), 4, {}, block_size)
+    assert "MatMul" not in [n.op_type for n in nodes], "no float remainder path at level 4"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    (y,) = run(model, {"x": x[None]})
+    assert np.abs(y[0] - exact).max() <= 3e-2 * np.abs(exact).max()
 
 
 def test_q4_1_residual_is_needed() -> None:

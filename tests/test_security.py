@@ -191,13 +191,15 @@ def _restart_while_answering(broker: Mosquitto, persistent: bool, *, lose_sessio
         AskClient(broker.url, "pi", client="kiosk1", persistent=persistent) as k,
         ThreadPoolExecutor(1) as pool,
     ):
+        # The client's first retry comes 4 s after the broker went: the answer goes out well before, whatever
+        # the machine's speed (with the 1 s of AskClient's own backoff, a slow stop could let it back in first).
+        k._client.reconnect_delay_set(min_delay=4, max_delay=8)
         pending = pool.submit(k.ask, "hi", timeout_s=8)
         q = asked(node)
         node.close()
         broker.stop()  # SIGTERM: Mosquitto writes its database, persistent sessions included
         if lose_session:
             (broker.dir / "mosquitto.db").unlink()
-        # paho retries after 1 s (refused: the broker is down), then 2 s later: the answer goes out in that gap
         time.sleep(1.5)
         broker.start()
         final = {"id": q.body["id"], "done": True, "status": "ok", "text": "still here"}

@@ -320,12 +320,10 @@ def _matmul_nbits(
         # onnxruntime has no fast float-activation kernel for 8-bit weights (~90 ms for SmolLM2's
         # lm_head at level 0, ~1 ms at level 4); such weights are split into nibbles at level 0.
         level = _level(part, accuracy_level)
-        folded = _folds(part, level)
-        tables, x_in, k_in = t, x, k
-        if folded:
-            tables = _Tables(f"{t.key}.p{i}.folded", (part.with_remainder_blocks(),))
+        tables, j, x_in, k_in = t, i, x, k
+        if _folds(part, level):
+            tables, j = _Tables(f"{t.key}.p{i}.folded", (part.with_remainder_blocks(),)), 0
             x_in, k_in = _with_block_sums(g, x, k, block_sums, nodes)
-        j = 0 if folded else i
         stored = tables.parts[j]
         blocks = -(-k_in // block_size)  # blocks of 16 may end a folded table one early
         names = _packed_name(g, tables, j, block_size, blocks), _scale_name(g, tables, j, block_size, blocks)
